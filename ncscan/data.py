@@ -1,0 +1,346 @@
+"""Clean images for scanning: an image folder, a flat folder, or an .npz.
+
+Everything comes out as uint8 NHWC arrays at the model's size and channel count, plus
+integer labels when the source has them. Problems the user can fix are `DataError`s;
+recoverable oddities (a corrupt file among good ones, resizing) become warnings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings as _pywarnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+MIN_IMAGES = 10
+MAX_PIXELS = 64_000_000  # refuse decompression bombs
+
+
+@dataclass
+class Dataset:
+    """Images (uint8, N x H x W x C) with optional labels."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    source: str
+    class_names: list[str] | None = None
+    warnings: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def tensor(self) -> Any:
+        """Float tensor in [0,1], N x C x H x W."""
+        import torch
+
+        return torch.from_numpy(self.x).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _list_images(d: Path) -> list[Path]:
+    out = []
+    for p in sorted(d.iterdir()):
+        if p.suffix.lower() in IMAGE_EXTS and p.is_file():
+            out.append(p)
+    return out
+
+
+def _read_image(path: Path, channels: int) -> np.ndarray:
+    """Decode one image to uint8 HxWxC with the wanted channel count."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    with _pywarnings.catch_warnings():
+        _pywarnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if arr.max() > 255 else 255.0
+                im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+            elif im.mode == "F":
+                arr = np.asarray(im, dtype=np.float64)
+                top = 1.0 if arr.max() <= 1.0 else 255.0
+                im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                # Composite on black, as most training pipelines effectively do.
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
+                im = Image.alpha_composite(bg, im)
+            if channels == 1:
+                im = im.convert("L")
+                return np.asarray(im, dtype=np.uint8)[:, :, None]
+            im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+            if channels == 4:
+                arr = np.concatenate([arr, np.full(arr.shape[:2] + (1,), 255, np.uint8)], 2)
+            return arr
+
+
+def _resize(arr: np.ndarray, h: int, w: int) -> np.ndarray:
+    from PIL import Image
+
+    c = arr.shape[2]
+    if c == 1:
+        im = Image.fromarray(arr[:, :, 0], mode="L").resize((w, h), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)[:, :, None]
+    chans = [
+        np.asarray(Image.fromarray(arr[:, :, i], mode="L").resize((w, h), Image.BILINEAR))
+        for i in range(c)
+    ]
+    return np.stack(chans, 2).astype(np.uint8)
+
+
+def _convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    c = x.shape[-1]
+    if c == channels:
+        return x
+    if c == 1:
+        return np.repeat(x, channels, axis=-1) if channels != 4 else np.concatenate(
+            [np.repeat(x, 3, -1), np.full(x.shape[:-1] + (1,), 255, np.uint8)], -1
+        )
+    if channels == 1:
+        rgb = x[..., :3].astype(np.float32)
+        g = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+        return np.clip(g + 0.5, 0, 255).astype(np.uint8)[..., None]
+    if c == 4 and channels == 3:
+        return x[..., :3]
+    if c == 3 and channels == 4:
+        return np.concatenate([x, np.full(x.shape[:-1] + (1,), 255, np.uint8)], -1)
+    raise DataError(f"cannot convert {c}-channel images to {channels} channels")
+
+
+def _read_label_map(path: Path) -> dict[str, int]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise DataError(f"cannot read labels file {path}: {e.strerror}") from e
+    try:
+        obj = json.loads(text)
+        if isinstance(obj, dict):
+            return {str(k): int(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return {str(k): i for i, k in enumerate(obj)}
+    except (json.JSONDecodeError, ValueError, TypeError):
+        pass
+    names = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not names:
+        raise DataError(
+            f"labels file {path} is empty; give one class-folder name per line "
+            "(line number = class index) or a JSON object {name: index}"
+        )
+    return {n: i for i, n in enumerate(names)}
+
+
+def load_data(
+    path: str | os.PathLike[str],
+    *,
+    channels: int,
+    size: tuple[int | None, int | None],
+    num_classes: int | None = None,
+    labels_file: str | os.PathLike[str] | None = None,
+    max_images: int | None = None,
+    min_images: int = MIN_IMAGES,
+    seed: int = 0,
+) -> Dataset:
+    """Load clean images.
+
+    Args:
+        path: image folder with class subfolders, a flat image folder, or an .npz
+            with `x` (uint8 or float in [0,1], NHWC or NCHW) and optional `y`.
+        channels: the model's channel count (images are converted to it).
+        size: (H, W) of the model input; None entries take the images' own size.
+        num_classes: the model's number of outputs, to check the labels against.
+        labels_file: maps class-folder names to indices (text, one per line, or JSON).
+        max_images: keep at most this many (a seeded random, class-stratified subset).
+        min_images: fewer usable images than this is an error.
+        seed: for the subset.
+
+    Returns:
+        The dataset (uint8 NHWC at the model's size).
+
+    Raises:
+        DataError: missing/empty/unreadable data or labels that don't fit the model.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data path {p} does not exist; pass --data DIR (images) or FILE.npz")
+    if p.is_file():
+        if p.suffix.lower() != ".npz":
+            raise DataError(
+                f"data file {p} is not an .npz; pass an image folder or an .npz with 'x' (and 'y')"
+            )
+        ds = _load_npz(p, channels)
+    else:
+        ds = _load_folder(p, channels, labels_file)
+    ds = _fit_size(ds, size)
+    if num_classes is not None and ds.y is not None:
+        bad = ds.y[(ds.y < 0) | (ds.y >= num_classes)]
+        if bad.size:
+            raise DataError(
+                f"data in {p} has labels up to {int(ds.y.max())} but the model has "
+                f"{num_classes} outputs; pass --labels FILE to map folder names, or check --data"
+            )
+    if len(ds) < min_images:
+        raise DataError(
+            f"data in {p} has {len(ds)} usable image(s); ncscan needs at least {min_images} "
+            "clean images (a few hundred recommended)"
+        )
+    if max_images is not None and len(ds) > max_images:
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.permutation(len(ds))[:max_images])
+        ds.x = ds.x[idx]
+        ds.y = ds.y[idx] if ds.y is not None else None
+    return ds
+
+
+def _load_npz(p: Path, channels: int) -> Dataset:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            keys = list(z.keys())
+            if "x" not in keys:
+                raise DataError(
+                    f"{p.name} has keys {keys}; ncscan needs 'x' (images) and optionally 'y' (labels)"
+                )
+            x = np.asarray(z["x"])
+            y = np.asarray(z["y"]) if "y" in keys else None
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"cannot read {p.name} as .npz ({type(e).__name__}); check the file") from e
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise DataError(f"{p.name}: 'x' has shape {x.shape}; expected N x H x W x C or N x C x H x W")
+    if x.shape[-1] not in (1, 3, 4) and x.shape[1] in (1, 3, 4):
+        x = np.transpose(x, (0, 2, 3, 1))
+    if x.shape[-1] not in (1, 3, 4):
+        raise DataError(f"{p.name}: 'x' has shape {x.shape}; cannot find a channel axis of 1, 3 or 4")
+    if x.dtype == np.uint8:
+        pass
+    elif np.issubdtype(x.dtype, np.floating):
+        if not np.all(np.isfinite(x)):
+            raise DataError(f"{p.name}: 'x' contains NaN or Inf")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1e-6 or hi > 1.0 + 1e-6:
+            raise DataError(
+                f"{p.name}: float 'x' ranges {lo:g}..{hi:g}; ncscan needs raw images, float in "
+                "[0,1] or uint8 (the model's own preprocessing goes in --pixel-range/--mean/--std)"
+            )
+        x = np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    else:
+        raise DataError(f"{p.name}: 'x' has dtype {x.dtype}; use uint8 or float in [0,1]")
+    if y is not None:
+        if y.ndim == 2 and y.shape[1] > 1:
+            y = y.argmax(1)  # one-hot labels
+        y = y.reshape(-1)
+        if not np.issubdtype(y.dtype, np.integer):
+            if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
+                y = y.astype(np.int64)
+            else:
+                raise DataError(f"{p.name}: 'y' has dtype {y.dtype}; use integer class indices")
+        if len(y) != len(x):
+            raise DataError(f"{p.name}: 'x' has {len(x)} images but 'y' has {len(y)} labels")
+        y = y.astype(np.int64)
+    x = _convert_channels(x, channels)
+    return Dataset(x=np.ascontiguousarray(x), y=y, source=str(p))
+
+
+def _load_folder(p: Path, channels: int, labels_file: Any) -> Dataset:
+    try:
+        entries = sorted(p.iterdir())
+    except OSError as e:
+        raise DataError(f"cannot read data folder {p}: {e.strerror}") from e
+    subdirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+    flat = _list_images(p)
+    items: list[tuple[Path, int | None]] = []
+    class_names: list[str] | None = None
+    if subdirs and not flat:
+        names = [d.name for d in subdirs]
+        if labels_file is not None:
+            mapping = _read_label_map(Path(labels_file))
+            unknown = [n for n in names if n not in mapping]
+            if unknown:
+                raise DataError(
+                    f"class folder(s) {', '.join(unknown[:5])} in {p} are not in labels file "
+                    f"{labels_file}; add them or remove the folders"
+                )
+        elif all(n.isdigit() for n in names):
+            mapping = {n: int(n) for n in names}
+        else:
+            mapping = {n: i for i, n in enumerate(sorted(names))}
+        class_names = [n for n, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+        for d in subdirs:
+            for f in _list_images(d):
+                items.append((f, mapping[d.name]))
+    elif flat:
+        items = [(f, None) for f in flat]
+    if not items:
+        raise DataError(
+            f"data folder {p} has no images ({', '.join(sorted(IMAGE_EXTS))}); pass a folder of "
+            "images or class subfolders of images"
+        )
+    imgs: list[np.ndarray] = []
+    labels: list[int] = []
+    bad: list[str] = []
+    for f, lab in items:
+        try:
+            imgs.append(_read_image(f, channels))
+        except Exception:  # corrupt, truncated, bomb, unsupported: skip with a count
+            bad.append(f.name)
+            continue
+        if lab is not None:
+            labels.append(lab)
+    warns: list[str] = []
+    if bad:
+        warns.append(
+            f"skipped {len(bad)} unreadable image(s) in {p} (e.g. {', '.join(bad[:3])})"
+        )
+    if not imgs:
+        raise DataError(f"none of the {len(items)} images in {p} could be decoded; check the files")
+    shapes = {a.shape[:2] for a in imgs}
+    ds = Dataset(
+        x=np.empty((0,), np.uint8),
+        y=np.asarray(labels, np.int64) if items[0][1] is not None else None,
+        source=str(p),
+        class_names=class_names,
+        warnings=warns,
+        skipped=len(bad),
+    )
+    ds._raw = imgs  # type: ignore[attr-defined]  # resized in _fit_size
+    ds._mixed = len(shapes) > 1  # type: ignore[attr-defined]
+    return ds
+
+
+def _fit_size(ds: Dataset, size: tuple[int | None, int | None]) -> Dataset:
+    raw: list[np.ndarray] | None = getattr(ds, "_raw", None)
+    if raw is None:
+        raw_h, raw_w = ds.x.shape[1:3]
+        h = size[0] or raw_h
+        w = size[1] or raw_w
+        if (raw_h, raw_w) != (h, w):
+            ds.warnings.append(f"resized {len(ds)} image(s) from {raw_h}x{raw_w} to {h}x{w}")
+            ds.x = np.stack([_resize(a, h, w) for a in ds.x], 0)
+        return ds
+    h0, w0 = raw[0].shape[:2]
+    h = size[0] or h0
+    w = size[1] or w0
+    n_resized = 0
+    out = []
+    for a in raw:
+        if a.shape[:2] != (h, w):
+            a = _resize(a, h, w)
+            n_resized += 1
+        out.append(a)
+    if n_resized:
+        ds.warnings.append(f"resized {n_resized} image(s) to the model's {h}x{w} input")
+    ds.x = np.ascontiguousarray(np.stack(out, 0))
+    del ds._raw  # type: ignore[attr-defined]
+    return ds

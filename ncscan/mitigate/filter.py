@@ -1,0 +1,99 @@
+"""Input filter (Neural Cleanse, section 6.1).
+
+The neuron activation profile of an input is the mean activation of the top 1% (at least
+one) neurons of the chosen layer ranked by how much more they fire on reversed-trigger
+images than on clean ones. An input is flagged when its profile exceeds a threshold set on
+clean held-out images so that `fpr` (default 5%) of them are flagged.
+
+The filter is exported as a WRAPPER of the original graph: every original node and output
+is kept, and two outputs are added, computed inside the graph from the activation tensor:
+
+    ncscan_score = ReduceMean(Gather(activation, neurons, axis=1))   float [N]
+    ncscan_flag  = Greater(ncscan_score, threshold)                   bool  [N]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+SCORE = "ncscan_score"
+FLAG = "ncscan_flag"
+
+
+@dataclass(frozen=True)
+class FilterProfile:
+    neurons: list[int]
+    threshold: float
+    rank_dims: int  # rank of the activation tensor in the graph (2 or 4)
+
+    def score(self, acts: torch.Tensor) -> torch.Tensor:
+        """Scores from per-neuron activations [N, neurons]."""
+        return acts[:, self.neurons].mean(1)
+
+
+def choose_neurons(gap: torch.Tensor, top_fraction: float = 0.01) -> list[int]:
+    k = max(1, math.ceil(top_fraction * len(gap)))
+    return torch.argsort(gap, descending=True)[:k].tolist()
+
+
+def calibrate(scores_clean: np.ndarray, fpr: float) -> float:
+    """Smallest threshold with at most `fpr` of the clean scores strictly above it."""
+    s = np.sort(np.asarray(scores_clean, dtype=np.float64))
+    if len(s) == 0:
+        return float("inf")
+    k = int(math.floor(fpr * len(s)))  # how many may be above
+    return float(s[len(s) - 1 - k]) if k < len(s) else float(s[0]) - 1.0
+
+
+def rates(scores_clean: np.ndarray, scores_trig: np.ndarray, threshold: float) -> tuple[float, float]:
+    fpr = float(np.mean(scores_clean > threshold)) if len(scores_clean) else float("nan")
+    fnr = float(np.mean(scores_trig <= threshold)) if len(scores_trig) else float("nan")
+    return fpr, fnr
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def add_filter(proto: onnx.ModelProto, activation: str, profile: FilterProfile) -> onnx.ModelProto:
+    """Append the score/flag outputs to a copy of `proto` (nothing else changes)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    g = m.graph
+    taken = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
+    if SCORE in taken or FLAG in taken:
+        raise ValueError("the model already has ncscan filter outputs")
+    p = "ncscan_filter/"
+    idx = numpy_helper.from_array(np.asarray(profile.neurons, dtype=np.int64), p + "neurons")
+    thr = numpy_helper.from_array(np.asarray(profile.threshold, dtype=np.float32), p + "threshold")
+    g.initializer.extend([idx, thr])
+    axes = list(range(1, profile.rank_dims))
+    nodes = [
+        helper.make_node("Cast", [activation], [p + "act"], name=p + "Cast", to=TensorProto.FLOAT),
+        helper.make_node("Gather", [p + "act", p + "neurons"], [p + "picked"], name=p + "Gather", axis=1),
+    ]
+    if _opset(m) >= 18:
+        g.initializer.append(numpy_helper.from_array(np.asarray(axes, dtype=np.int64), p + "axes"))
+        nodes.append(helper.make_node("ReduceMean", [p + "picked", p + "axes"], [SCORE], name=p + "ReduceMean", keepdims=0))
+    else:
+        nodes.append(helper.make_node("ReduceMean", [p + "picked"], [SCORE], name=p + "ReduceMean", axes=axes, keepdims=0))
+    nodes.append(helper.make_node("Greater", [SCORE, p + "threshold"], [FLAG], name=p + "Greater"))
+    g.node.extend(nodes)
+    batch = g.input[0].type.tensor_type.shape.dim[0] if g.input and g.input[0].type.tensor_type.shape.dim else None
+    dim: list[object] = ["N"]
+    if batch is not None and batch.HasField("dim_value") and batch.dim_value > 0:
+        dim = [int(batch.dim_value)]
+    g.output.extend([
+        helper.make_tensor_value_info(SCORE, TensorProto.FLOAT, dim),
+        helper.make_tensor_value_info(FLAG, TensorProto.BOOL, dim),
+    ])
+    return m

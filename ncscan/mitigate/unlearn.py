@@ -1,0 +1,103 @@
+"""Unlearning (Neural Cleanse, section 6.2): fine-tune on clean data where a fraction of the
+images of ALL classes carry a reversed trigger and keep their TRUE label.
+
+Defaults (paper: 20% triggered, 1 epoch): Adam, lr 1e-3, batch 32, at least
+`min_steps` optimizer steps per epoch (scan folders are small: one pass over 240
+images is only 8 steps). The network stays in eval mode throughout, so BatchNorm running
+statistics are frozen and dropout is off; BatchNorm affine parameters are frozen too. Only
+tensors with a verified ONNX initializer are trained, so the result can be written back
+into the original graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..trigger import Trigger
+from .layers import Link, named_tensors
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 32
+    poison_fraction: float = 0.2
+    min_steps: int = 150  # per epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def unlearn(
+    pm: torch.nn.Module,
+    net: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    triggers: list[Trigger],
+    trainable: dict[str, Link],
+    cfg: UnlearnConfig,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Fine-tune `net` (through the PixelModel `pm`) in place. Returns training stats."""
+    dev = torch.device(device)
+    tensors = named_tensors(net)
+    params = [tensors[k] for k in trainable]
+    if not params:
+        raise RuntimeError("no trainable tensors")
+    for p in params:
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    masks = [torch.from_numpy(t.mask).to(dev) for t in triggers]
+    pats = [torch.from_numpy(t.pattern).to(dev) for t in triggers]
+    n = len(x)
+    bs = min(cfg.batch_size, n)
+    per_epoch = max(math.ceil(n / bs), cfg.min_steps)
+    steps = per_epoch * max(1, cfg.epochs)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    pm.eval()
+    losses: list[float] = []
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    try:
+        for _ in range(steps):
+            if pos + bs > n:
+                order = torch.randperm(n, generator=gen)
+                pos = 0
+            idx = order[pos : pos + bs]
+            pos += bs
+            xb = x[idx].to(dev).clone()
+            yb = y[idx].to(dev)
+            k = int(round(cfg.poison_fraction * len(idx)))
+            if k > 0:
+                sel = torch.randperm(len(idx), generator=gen)[:k]
+                which = torch.randint(len(triggers), (k,), generator=gen)
+                for j in range(len(triggers)):
+                    s = sel[which == j].to(dev)
+                    if len(s):
+                        xb[s] = xb[s] * (1 - masks[j]) + masks[j] * pats[j]
+            out = pm(xb)
+            loss = F.cross_entropy(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+    return {
+        "steps": steps,
+        "trained_tensors": len(params),
+        "trained_values": int(sum(p.numel() for p in params)),
+        "loss_first": float(np.mean(losses[:10])) if losses else None,
+        "loss_last": float(np.mean(losses[-10:])) if losses else None,
+    }

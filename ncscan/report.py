@@ -1,0 +1,272 @@
+"""Render a ScanReport: rich table, JSON, SARIF 2.1.0, trigger PNGs.
+
+Nothing here decides exit codes or touches stdout by itself: the CLI passes consoles in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .io import atomic_write_bytes, atomic_write_text
+from .scanner import LabelResult, ScanReport
+
+SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
+RULE_ID = "NCSCAN001"
+
+
+def to_json(report: ScanReport) -> str:
+    return json.dumps(report.to_dict(), indent=2, allow_nan=False, default=_nan_default) + "\n"
+
+
+def _nan_default(o: Any) -> Any:
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    raise TypeError(type(o))
+
+
+def _clean_nans(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean_nans(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean_nans(v) for v in obj]
+    return obj
+
+
+def report_json(report: ScanReport) -> str:
+    """The JSON report as text (NaN -> null)."""
+    return json.dumps(_clean_nans(report.to_dict()), indent=2) + "\n"
+
+
+def to_sarif(report: ScanReport, model_uri: str | None = None) -> dict[str, Any]:
+    """SARIF 2.1.0 log: one result per flagged label, accepted by GitHub code scanning."""
+    uri = (model_uri or report.model).replace(os.sep, "/")
+    if uri.startswith("./"):
+        uri = uri[2:]
+    results = []
+    by = report.by_label
+    for lab in report.flagged:
+        r = by[lab]
+        name = f" ({r.name})" if r.name else ""
+        results.append(
+            {
+                "ruleId": RULE_ID,
+                "ruleIndex": 0,
+                "level": "error",
+                "message": {
+                    "text": (
+                        f"Backdoor suspected: label {lab}{name} has an abnormally small reversed "
+                        f"trigger (mask L1 {r.mask_l1:.1f} vs median {report.median_l1:.1f}, anomaly "
+                        f"index {r.anomaly_index:.2f} > {report.threshold:g}); the trigger sends "
+                        f"{r.attack_success:.0%} of clean images to label {lab}."
+                    )
+                },
+                "locations": [
+                    {
+                        "physicalLocation": {
+                            "artifactLocation": {"uri": uri},
+                            "region": {"startLine": 1},
+                        }
+                    }
+                ],
+                "partialFingerprints": {
+                    "ncscanModelLabel/v1": f"{report.model_sha256}:{lab}",
+                },
+                "properties": {
+                    "label": lab,
+                    "mask_l1": round(r.mask_l1, 4),
+                    "anomaly_index": round(r.anomaly_index, 4),
+                    "attack_success": round(r.attack_success, 4),
+                    "model_sha256": report.model_sha256,
+                },
+            }
+        )
+    return {
+        "$schema": SARIF_SCHEMA,
+        "version": "2.1.0",
+        "runs": [
+            {
+                "tool": {
+                    "driver": {
+                        "name": "ncscan",
+                        "version": __version__,
+                        "semanticVersion": __version__,
+                        "informationUri": "https://github.com/ncscan/ncscan",
+                        "rules": [
+                            {
+                                "id": RULE_ID,
+                                "name": "NeuralCleanseBackdoor",
+                                "shortDescription": {"text": "Model label with an abnormally small trigger (backdoor)"},
+                                "fullDescription": {
+                                    "text": (
+                                        "Neural Cleanse reverse-engineers the smallest input patch that "
+                                        "sends clean images to each label. A label whose patch is an "
+                                        "outlier on the small side (MAD anomaly index above the threshold) "
+                                        "is likely the target of a backdoor trigger."
+                                    )
+                                },
+                                "help": {
+                                    "text": "Inspect the reversed trigger (ncscan --triggers DIR) and mitigate "
+                                    "with `ncscan patch --unlearn`, or retrain from trusted data."
+                                },
+                                "defaultConfiguration": {"level": "error"},
+                                "properties": {
+                                    "security-severity": "8.8",
+                                    "tags": ["security", "machine-learning", "backdoor"],
+                                    "precision": "medium",
+                                },
+                            }
+                        ],
+                    }
+                },
+                "results": results,
+                "properties": {"verdict": report.verdict, "model_sha256": report.model_sha256},
+            }
+        ],
+    }
+
+
+def sarif_text(report: ScanReport, model_uri: str | None = None) -> str:
+    return json.dumps(_clean_nans(to_sarif(report, model_uri)), indent=2) + "\n"
+
+
+# ------------------------------------------------------------------ images
+
+
+def trigger_images(r: LabelResult) -> dict[str, np.ndarray]:
+    """uint8 HxWxC images: mask, pattern and mask*pattern (the stamp)."""
+    m = np.clip(r.trigger.mask, 0, 1)
+    p = np.clip(r.trigger.pattern, 0, 1).transpose(1, 2, 0)
+    if p.shape[2] == 4:
+        p = p[:, :, :3]
+    stamp = m[:, :, None] * p
+    to8 = lambda a: np.clip(a * 255 + 0.5, 0, 255).astype(np.uint8)  # noqa: E731
+    return {"mask": to8(m), "pattern": to8(p), "trigger": to8(stamp)}
+
+
+def png_bytes(a: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_triggers(report: ScanReport, out_dir: str | os.PathLike[str], scale: int = 8) -> list[Path]:
+    """Write label_<k>_{mask,pattern,trigger}.png (upscaled) and label_<k>.npz for every label."""
+    from PIL import Image
+
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    written = []
+    for r in report.labels:
+        for kind, img in trigger_images(r).items():
+            im = Image.fromarray(img[:, :, 0] if img.ndim == 3 and img.shape[2] == 1 else img)
+            if scale > 1:
+                im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+            import io
+
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            p = d / f"label_{r.label}_{kind}.png"
+            atomic_write_bytes(p, buf.getvalue())
+            written.append(p)
+        import io
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, mask=r.trigger.mask, pattern=r.trigger.pattern)
+        p = d / f"label_{r.label}.npz"
+        atomic_write_bytes(p, buf.getvalue())
+        written.append(p)
+    atomic_write_text(d / "index.json", json.dumps(
+        {"model_sha256": report.model_sha256, "labels": {str(r.label): f"label_{r.label}.npz" for r in report.labels}},
+        indent=2,
+    ))
+    return written
+
+
+# ------------------------------------------------------------------ terminal
+
+
+def _half_block_preview(r: LabelResult, max_width: int = 32) -> Any:
+    """mask x pattern drawn with coloured upper-half blocks (two pixel rows per line)."""
+    from rich.text import Text
+
+    img = trigger_images(r)["trigger"]
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, 2)
+    h, w = img.shape[:2]
+    step = max(1, int(np.ceil(w / max_width)))
+    img = img[::step, ::step]
+    h, w = img.shape[:2]
+    text = Text()
+    for y in range(0, h, 2):
+        for x in range(w):
+            top = img[y, x]
+            bot = img[y + 1, x] if y + 1 < h else np.zeros(3, np.uint8)
+            text.append(
+                "▀",
+                style=f"rgb({top[0]},{top[1]},{top[2]}) on rgb({bot[0]},{bot[1]},{bot[2]})",
+            )
+        text.append("\n")
+    return text
+
+
+def render_table(report: ScanReport, console: Any, show_all_previews: bool = False) -> None:
+    """The human report on a rich console."""
+    from rich.panel import Panel
+    from rich.table import Table
+
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    t = Table(title=f"ncscan · {report.model}", title_justify="left")
+    t.add_column("label", justify="right")
+    t.add_column("name")
+    t.add_column("mask L1", justify="right")
+    t.add_column("attack success", justify="right")
+    t.add_column("anomaly index", justify="right")
+    t.add_column("steps", justify="right")
+    t.add_column("")
+    for r in sorted(report.labels, key=lambda r: r.mask_l1):
+        style = "bold red" if r.flagged else ("yellow" if not r.converged else "")
+        note = "FLAGGED" if r.flagged else ("no trigger found" if not r.converged else "")
+        t.add_row(
+            str(r.label), r.name or "", f"{r.mask_l1:.1f}", f"{r.attack_success:.1%}",
+            f"{r.anomaly_index:.2f}", str(r.steps), note, style=style,
+        )
+    console.print(t)
+    acc = "n/a (no labels)" if report.clean_accuracy is None else f"{report.clean_accuracy:.1%}"
+    console.print(
+        f"median mask L1 {report.median_l1:.1f} · MAD {report.mad:.2f} · threshold {report.threshold:g}"
+        f" · clean accuracy {acc} on {report.n_images} images · {report.output}"
+        f" · {report.elapsed_seconds:.1f}s on {report.device}"
+    )
+    for lab in report.flagged:
+        r = report.by_label[lab]
+        console.print(
+            Panel(
+                _half_block_preview(r),
+                title=f"label {lab} reversed trigger (mask × pattern)",
+                expand=False,
+            )
+        )
+    if report.verdict == "backdoor":
+        labs = ", ".join(str(v) for v in report.flagged)
+        console.print(f"[bold red]BACKDOOR[/] suspected: label(s) {labs} (anomaly index > {report.threshold:g})")
+    elif report.verdict == "clean":
+        console.print("[bold green]CLEAN[/]: no label has an abnormally small trigger")
+    else:
+        console.print("[bold yellow]INCONCLUSIVE[/]: " + "; ".join(report.reasons))

@@ -1,0 +1,307 @@
+"""Reverse-engineer one trigger per label, many labels in one forward/backward.
+
+Each label t has its own mask, pattern, Adam state, cost lambda, schedule state and best
+result. A mini-batch stacks B clean images for every active label (images of class t
+left out of t's batches when labels are known), stamps each label's trigger on its own
+images, and runs them through the network as one batch of A*B images. Losses are summed
+over labels: the parameters are disjoint, so each label receives exactly the gradient it
+would get alone. Labels that early-stop leave the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import schedule as sched
+from .trigger import Trigger, from_raw, to_raw
+
+
+@dataclass(frozen=True)
+class ReverseConfig:
+    """Optimisation hyperparameters.
+
+    Attributes:
+        lr: Adam learning rate (paper: 0.1).
+        betas: Adam betas (paper: 0.5, 0.9).
+        batch_size: images per label per mini-batch (paper: 32).
+        mini_batches: mini-batches per schedule step (paper: 31, one pass over ~1000 images).
+        max_steps: cap on schedule steps per label (paper: 1000).
+        schedule: the cost schedule (see `ncscan.schedule`).
+        label_chunk: labels optimised together; None = fit to the memory budget.
+        memory_budget_mb: activation memory to aim for when choosing the chunk.
+        name: "fast" (ncscan's default) or "reference" (the original algorithm).
+    """
+
+    lr: float = 0.1
+    betas: tuple[float, float] = (0.5, 0.9)
+    batch_size: int = 32
+    mini_batches: int = 4
+    max_steps: int = 300
+    schedule: sched.ScheduleConfig = field(default_factory=sched.ScheduleConfig)
+    label_chunk: int | None = None
+    memory_budget_mb: float = 1024.0
+    name: str = "fast"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def preset(name: str) -> ReverseConfig:
+    """Named configurations: "fast" (default) and "reference" (the original's settings,
+    labels one after another)."""
+    if name == "fast":
+        # Steps are 4 mini-batches instead of 31, so the early-stop patience is counted in
+        # shorter steps too (12 x 4 = 48 updates without improvement, instead of 25 x 31).
+        return ReverseConfig(schedule=sched.ScheduleConfig(early_stop_patience=12))
+    if name == "reference":
+        return ReverseConfig(batch_size=32, mini_batches=31, max_steps=1000, label_chunk=1, name="reference")
+    raise ValueError(name)
+
+
+@dataclass
+class LabelTrace:
+    """What happened while optimising one label."""
+
+    label: int
+    trigger: Trigger  # best (or last, if no successful step)
+    found: bool  # a step reached the attack-success threshold
+    steps: int
+    early_stopped: bool
+    final_cost: float
+
+
+@dataclass
+class Progress:
+    """Sent to the progress callback after every schedule step."""
+
+    labels_done: int
+    labels_total: int
+    step: int
+    active: int
+    passes: int  # image forward+backward passes so far
+
+
+def _bytes_per_image(model: torch.nn.Module, x1: torch.Tensor) -> int:
+    """Activation bytes one image needs in a forward pass (leaf-module outputs)."""
+    total = [0]
+
+    def hook(_m: Any, _i: Any, out: Any) -> None:
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for o in outs:
+            if isinstance(o, torch.Tensor):
+                total[0] += o.numel() * o.element_size()
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if len(list(m.children())) == 0]
+    try:
+        with torch.no_grad():
+            model(x1)
+    finally:
+        for h in hs:
+            h.remove()
+    return max(total[0] + x1.numel() * x1.element_size(), 1)
+
+
+def choose_chunk(model: torch.nn.Module, x1: torch.Tensor, n_labels: int, cfg: ReverseConfig) -> int:
+    """Labels per batch: as many as fit the activation-memory budget (x3 for backward)."""
+    if cfg.label_chunk is not None:
+        return max(1, min(n_labels, cfg.label_chunk))
+    per_label = _bytes_per_image(model, x1) * 3 * cfg.batch_size
+    fit = int(cfg.memory_budget_mb * 2**20 // per_label)
+    return max(1, min(n_labels, fit))
+
+
+def reverse_engineer(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    labels: list[int],
+    cfg: ReverseConfig,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[list[LabelTrace], dict[str, Any]]:
+    """Optimise a trigger for every label in `labels`.
+
+    Args:
+        model: pixel-space model (PixelModel): [N,C,H,W] in [0,1] -> logits/log-probs.
+        x: clean images, float [N,C,H,W] in [0,1] (on any device).
+        y: their labels (or None when unknown).
+        labels: the target labels to reverse.
+        cfg: hyperparameters.
+        seed: seeds the initial masks/patterns and the batch sampling.
+        device: where to run.
+        progress: called after every step.
+        should_stop: polled between mini-batches; when it returns True, raises KeyboardInterrupt.
+
+    Returns:
+        (one trace per label in order, stats dict with "passes" and "chunk").
+    """
+    dev = torch.device(device)
+    model = model.to(dev)
+    x = x.to(dev)
+    n, c, h, w = x.shape
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    chunk = choose_chunk(model, x[:1], len(labels), cfg)
+    traces: dict[int, LabelTrace] = {}
+    passes = 0
+    y_np = y.cpu().numpy() if y is not None else None
+    all_idx = np.arange(n)
+    pools: dict[int, torch.Tensor] = {}
+    for t in labels:
+        pool = all_idx if y_np is None else all_idx[y_np != t]
+        if len(pool) == 0:
+            pool = all_idx
+        pools[t] = torch.from_numpy(pool)
+    done_count = 0
+    b1, b2 = cfg.betas
+    for start in range(0, len(labels), chunk):
+        lab = labels[start : start + chunk]
+        L = len(lab)
+        init_m = torch.rand((L, 1, h, w), generator=gen)
+        init_p = torch.rand((L, c, h, w), generator=gen)
+        mraw = to_raw(init_m).to(dev).requires_grad_(True)
+        praw = to_raw(init_p).to(dev).requires_grad_(True)
+        adam = {
+            "mm": torch.zeros_like(mraw), "mv": torch.zeros_like(mraw),
+            "pm": torch.zeros_like(praw), "pv": torch.zeros_like(praw),
+        }
+        tcount = torch.zeros(L, device=dev)
+        targets = torch.tensor(lab, device=dev)
+        state = sched.ScheduleState.init(L)
+        best_m = init_m.numpy()[:, 0].copy()
+        best_p = init_p.numpy().copy()
+        while True:
+            active = ~state.done & (state.steps < cfg.max_steps)
+            if not active.any():
+                break
+            act_idx = np.flatnonzero(active)
+            ai = torch.from_numpy(act_idx).to(dev)
+            A = len(act_idx)
+            acc_sum = torch.zeros(A, device=dev)
+            cost = torch.from_numpy(state.cost[act_idx]).float().to(dev)
+            for _ in range(cfg.mini_batches):
+                if should_stop is not None and should_stop():
+                    raise KeyboardInterrupt
+                bidx = torch.stack(
+                    [pools[lab[i]][torch.randint(len(pools[lab[i]]), (cfg.batch_size,), generator=gen)] for i in act_idx]
+                ).to(dev)
+                xb = x[bidx]  # [A, B, C, H, W]
+                m = from_raw(mraw[ai])  # [A,1,H,W]
+                p = from_raw(praw[ai])  # [A,C,H,W]
+                xs = xb * (1 - m[:, None]) + m[:, None] * p[:, None]
+                out = model(xs.reshape(A * cfg.batch_size, c, h, w))
+                tgt = targets[ai].repeat_interleave(cfg.batch_size)
+                ce = F.cross_entropy(out, tgt, reduction="none").view(A, cfg.batch_size).mean(1)
+                reg = m.abs().sum(dim=(1, 2, 3))
+                loss = (ce + cost * reg).sum()
+                gm, gp = torch.autograd.grad(loss, (mraw, praw))
+                passes += A * cfg.batch_size
+                with torch.no_grad():
+                    acc_sum += (out.argmax(1) == tgt).float().view(A, cfg.batch_size).mean(1)
+                    tcount[ai] += 1
+                    tt = tcount[ai]
+                    bc1 = (1 - b1**tt)
+                    bc2 = (1 - b2**tt)
+                    for raw, g, km, kv, shp in ((mraw, gm, "mm", "mv", (A, 1, 1, 1)), (praw, gp, "pm", "pv", (A, 1, 1, 1))):
+                        ga = g[ai]
+                        mm = adam[km][ai].mul_(b1).add_(ga, alpha=1 - b1)
+                        vv = adam[kv][ai].mul_(b2).addcmul_(ga, ga, value=1 - b2)
+                        adam[km][ai] = mm
+                        adam[kv][ai] = vv
+                        upd = (mm / bc1.view(shp)) / ((vv / bc2.view(shp)).sqrt() + 1e-8)
+                        raw[ai] = raw[ai] - cfg.lr * upd
+            with torch.no_grad():
+                cur_m = from_raw(mraw[ai])
+                l1 = cur_m.sum(dim=(1, 2, 3)).double().cpu().numpy()
+                acc = (acc_sum / cfg.mini_batches).double().cpu().numpy()
+            full_acc = np.zeros(L)
+            full_l1 = np.full(L, np.inf)
+            full_acc[act_idx] = acc
+            full_l1[act_idx] = l1
+            state, improved = sched.step(state, full_acc, full_l1, cfg.schedule, active=active)
+            if improved.any():
+                with torch.no_grad():
+                    imp = np.flatnonzero(improved)
+                    ti = torch.from_numpy(imp).to(dev)
+                    best_m[imp] = from_raw(mraw[ti])[:, 0].cpu().numpy()
+                    best_p[imp] = from_raw(praw[ti]).cpu().numpy()
+            newly = int((state.done | (state.steps >= cfg.max_steps)).sum())
+            if progress is not None:
+                progress(
+                    Progress(
+                        labels_done=done_count + newly,
+                        labels_total=len(labels),
+                        step=int(state.steps.max()),
+                        active=int((~state.done & (state.steps < cfg.max_steps)).sum()),
+                        passes=passes,
+                    )
+                )
+        with torch.no_grad():
+            last_m = from_raw(mraw)[:, 0].cpu().numpy()
+            last_p = from_raw(praw).cpu().numpy()
+        for i, t in enumerate(lab):
+            found = bool(np.isfinite(state.best_l1[i]))
+            trig = Trigger(
+                mask=(best_m[i] if found else last_m[i]).astype(np.float32),
+                pattern=(best_p[i] if found else last_p[i]).astype(np.float32),
+            )
+            traces[t] = LabelTrace(
+                label=t,
+                trigger=trig,
+                found=found,
+                steps=int(state.steps[i]),
+                early_stopped=bool(state.done[i]),
+                final_cost=float(state.cost[i]),
+            )
+        done_count += L
+    return [traces[t] for t in labels], {"passes": passes, "chunk": chunk}
+
+
+@torch.no_grad()
+def attack_success(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    triggers: dict[int, Trigger],
+    *,
+    device: torch.device | str = "cpu",
+    batch: int = 512,
+) -> dict[int, float]:
+    """Fraction of clean images (not of the target class) sent to the target by each trigger."""
+    dev = torch.device(device)
+    out: dict[int, float] = {}
+    for t, trig in triggers.items():
+        m = torch.from_numpy(trig.mask).to(dev)
+        p = torch.from_numpy(trig.pattern).to(dev)
+        keep = torch.ones(len(x), dtype=torch.bool) if y is None else (y.cpu() != t)
+        xs = x[keep.to(x.device)]
+        if len(xs) == 0:
+            out[t] = float("nan")
+            continue
+        hits = 0
+        for i in range(0, len(xs), batch):
+            xb = xs[i : i + batch].to(dev)
+            pred = model(xb * (1 - m) + m * p).argmax(1)
+            hits += int((pred == t).sum())
+        out[t] = hits / len(xs)
+    return out
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch: int = 512) -> torch.Tensor:
+    """argmax predictions for [0,1] images."""
+    dev = torch.device(device)
+    preds = [model(x[i : i + batch].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch)]
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+

@@ -1,0 +1,528 @@
+"""The scan: model + clean images -> per-label reversed triggers -> outliers -> ScanReport."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data import Dataset, load_data
+from .errors import ConfigError, DataError, DeviceError, ModelError
+from .model import OnnxModel, Parity, check_parity, convert, load_onnx, ort_run, ort_session
+from .preprocess import PixelModel, Preprocess, resolve_preprocess
+from .reverse import LabelTrace, Progress, ReverseConfig, attack_success, predict, preset, reverse_engineer
+from .stats import anomaly_indices
+from .trigger import Trigger
+
+PARITY_IMAGES = 64
+LOW_ACCURACY = 0.5
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" | "cpu" | "cuda[:N]" -> a torch device.
+
+    Raises:
+        DeviceError: unknown name, or CUDA asked for but absent.
+    """
+    d = (device or "auto").strip().lower()
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d == "cpu":
+        return torch.device("cpu")
+    if d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"--device {device}: no CUDA GPU is visible to torch; use --device cpu or auto"
+            )
+        if ":" in d and int(d[5:]) >= torch.cuda.device_count():
+            raise DeviceError(
+                f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible; pick another"
+            )
+        return torch.device(d)
+    raise DeviceError(f"unknown --device {device!r}; use auto, cpu or cuda")
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    """One label's reversed trigger and how it did."""
+
+    label: int
+    name: str | None
+    trigger: Trigger
+    mask_l1: float
+    attack_success: float
+    anomaly_index: float
+    steps: int
+    converged: bool  # a trigger reaching the attack-success threshold was found
+    early_stopped: bool
+    flagged: bool
+    screened_out: bool = False  # pre-screening judged it clearly large; not fully optimised
+
+    def to_dict(self, with_trigger: bool = False) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "label": self.label,
+            "name": self.name,
+            "mask_l1": round(self.mask_l1, 4),
+            "attack_success": round(self.attack_success, 4),
+            "anomaly_index": round(self.anomaly_index, 4),
+            "steps": self.steps,
+            "converged": self.converged,
+            "early_stopped": self.early_stopped,
+            "flagged": self.flagged,
+            "screened_out": self.screened_out,
+        }
+        if with_trigger:
+            d["trigger"] = encode_trigger(self.trigger)
+        return d
+
+
+def encode_trigger(t: Trigger) -> dict[str, Any]:
+    """A trigger as JSON: float32 little-endian arrays, base64."""
+    return {
+        "mask_shape": list(t.mask.shape),
+        "pattern_shape": list(t.pattern.shape),
+        "mask_b64": base64.b64encode(t.mask.astype("<f4").tobytes()).decode(),
+        "pattern_b64": base64.b64encode(t.pattern.astype("<f4").tobytes()).decode(),
+    }
+
+
+def decode_trigger(d: dict[str, Any]) -> Trigger:
+    """Inverse of `encode_trigger`.
+
+    Raises:
+        ConfigError: malformed trigger data.
+    """
+    try:
+        m = np.frombuffer(base64.b64decode(d["mask_b64"]), "<f4").reshape(d["mask_shape"])
+        p = np.frombuffer(base64.b64decode(d["pattern_b64"]), "<f4").reshape(d["pattern_shape"])
+    except Exception as e:
+        raise ConfigError(f"report has a malformed trigger ({type(e).__name__}); re-run the scan") from e
+    return Trigger(mask=m.astype(np.float32), pattern=p.astype(np.float32))
+
+
+@dataclass
+class ScanReport:
+    """Everything a scan found."""
+
+    model: str
+    model_sha256: str
+    verdict: str  # "clean" | "backdoor" | "inconclusive"
+    flagged: list[int]
+    threshold: float
+    labels: list[LabelResult]
+    median_l1: float
+    mad: float
+    clean_accuracy: float | None
+    preprocess: Preprocess
+    preprocess_source: dict[str, str]
+    output: str  # "logits" | "probabilities"
+    num_classes: int
+    input_shape: list[int]
+    seed: int
+    device: str
+    config: ReverseConfig
+    parity: Parity
+    n_images: int
+    elapsed_seconds: float
+    timings: dict[str, float]
+    passes: int
+    warnings: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def by_label(self) -> dict[int, LabelResult]:
+        return {r.label: r for r in self.labels}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report (flagged labels carry their reversed trigger)."""
+        return {
+            "ncscan_version": __version__,
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "verdict": self.verdict,
+            "flagged": self.flagged,
+            "threshold": self.threshold,
+            "num_classes": self.num_classes,
+            "median_mask_l1": round(self.median_l1, 4),
+            "mad": round(self.mad, 4),
+            "labels": [r.to_dict(with_trigger=r.flagged) for r in self.labels],
+            "clean_accuracy": None if self.clean_accuracy is None else round(self.clean_accuracy, 4),
+            "preprocess": self.preprocess.to_dict(),
+            "preprocess_source": self.preprocess_source,
+            "output": self.output,
+            "input_shape": self.input_shape,
+            "n_images": self.n_images,
+            "seed": self.seed,
+            "device": self.device,
+            "config": self.config.to_dict(),
+            "conversion_parity": self.parity.to_dict(),
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "image_passes": self.passes,
+            "warnings": self.warnings,
+            "reasons": self.reasons,
+        }
+
+
+@dataclass
+class Prepared:
+    """A model converted and checked against onnxruntime, with the data to use."""
+
+    onnx: OnnxModel
+    preprocess: Preprocess
+    preprocess_source: dict[str, str]
+    pixel_model: PixelModel
+    data: Dataset
+    x: torch.Tensor
+    y: torch.Tensor | None
+    num_classes: int
+    output: str
+    parity: Parity
+    device: torch.device
+    warnings: list[str]
+    clean_accuracy: float | None
+
+
+def prepare(
+    model: str | os.PathLike[str],
+    data: str | os.PathLike[str] | Dataset,
+    *,
+    pixel_range: Sequence[float] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    channel_order: str | None = None,
+    layout: str | None = None,
+    labels_file: str | os.PathLike[str] | None = None,
+    max_images: int | None = 2000,
+    device: str = "auto",
+    seed: int = 0,
+    rtol: float = 1e-4,
+) -> Prepared:
+    """Load + check the model, load the data, convert, and verify the conversion.
+
+    Raises:
+        NcscanError subclasses for anything the user can fix.
+    """
+    dev = resolve_device(device)
+    om = load_onnx(model, layout=layout.upper() if layout else None)
+    ch = om.input.channels
+    overrides: dict[str, Any] = {
+        "pixel_range": tuple(float(v) for v in pixel_range) if pixel_range is not None else None,
+        "mean": tuple(float(v) for v in mean) if mean is not None else None,
+        "std": tuple(float(v) for v in std) if std is not None else None,
+        "channel_order": channel_order.upper() if channel_order else None,
+        "layout": om.input.layout if layout else None,
+    }
+    if overrides["pixel_range"] is not None and len(overrides["pixel_range"]) != 2:
+        raise ConfigError("--pixel-range takes two numbers lo,hi (e.g. 0,255)")
+    pp, src = resolve_preprocess(om.metadata, om.input.layout, overrides)
+    if om.layout_source == "metadata":
+        src["layout"] = "metadata"
+    pp = replace(pp, layout=om.input.layout).validate(ch)
+    if isinstance(data, Dataset):
+        ds = data
+    else:
+        ds = load_data(
+            data,
+            channels=ch,
+            size=(om.input.height, om.input.width),
+            labels_file=labels_file,
+            max_images=max_images,
+            seed=seed,
+        )
+    warnings = list(om.warnings) + list(ds.warnings)
+    x = ds.tensor()
+    torch.manual_seed(seed)
+    net = convert(om)
+    # Outputs: run onnxruntime on a few images to learn the class count and the kind.
+    sess = ort_session(om)
+    probe = PixelModel(net, pp, ch)
+    xin = probe.to_model_input(x[:PARITY_IMAGES]).numpy()
+    ref = ort_run(sess, om, xin)
+    k = int(ref.shape[1])
+    if k < 2:
+        raise ModelError(
+            f"model output has {k} class(es); ncscan needs a classifier with at least 2 outputs"
+        )
+    rows_sum_one = bool(np.all(ref >= -1e-6) and np.all(ref <= 1 + 1e-6) and np.allclose(ref.sum(1), 1.0, atol=1e-3))
+    is_prob = om.ends_in_softmax or rows_sum_one
+    pm = PixelModel(net, pp, ch, output_is_prob=is_prob, static_batch_one=om.input.batch == 1)
+    parity = check_parity(
+        lambda t: pm.raw(t).reshape(t.shape[0], -1),
+        lambda a: ort_run(sess, om, a),
+        xin,
+        rtol=rtol,
+    )
+    if k == 2:
+        warnings.append("the model has only 2 classes: the outlier test has almost no power")
+    y = torch.from_numpy(ds.y) if ds.y is not None else None
+    if y is not None and int(y.max()) >= k:
+        raise DataError(
+            f"data {ds.source} has labels up to {int(y.max())} but the model has {k} outputs; "
+            "pass --labels FILE to map folder names to class indices, or check --data"
+        )
+    pm = pm.to(dev)
+    acc = None
+    if y is not None:
+        pred = predict(pm, x, device=dev)
+        acc = float((pred == y).float().mean())
+        if acc < LOW_ACCURACY:
+            warnings.append(
+                f"the model classifies only {acc:.0%} of your labelled images correctly: the "
+                "preprocessing is probably wrong (check --pixel-range, --mean/--std, --bgr, "
+                "--layout) or the class folders don't match the model's classes (--labels); "
+                "scan results on wrongly preprocessed data are meaningless"
+            )
+    return Prepared(
+        onnx=om,
+        preprocess=pp,
+        preprocess_source=src,
+        pixel_model=pm,
+        data=ds,
+        x=x,
+        y=y,
+        num_classes=k,
+        output="probabilities" if is_prob else "logits",
+        parity=parity,
+        device=dev,
+        warnings=warnings,
+        clean_accuracy=acc,
+    )
+
+
+def scan(
+    model: str | os.PathLike[str],
+    data: str | os.PathLike[str] | Dataset,
+    *,
+    pixel_range: Sequence[float] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    channel_order: str | None = None,
+    layout: str | None = None,
+    labels_file: str | os.PathLike[str] | None = None,
+    threshold: float = 2.0,
+    seed: int = 0,
+    device: str = "auto",
+    schedule: str | ReverseConfig = "fast",
+    labels: Sequence[int] | None = None,
+    max_images: int | None = 2000,
+    prescreen: str = "auto",
+    progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> ScanReport:
+    """Scan an ONNX image classifier for backdoors with Neural Cleanse.
+
+    Args:
+        model: path to the .onnx file.
+        data: clean images (folder, class folders, or .npz), or a loaded `Dataset`.
+        pixel_range, mean, std, channel_order, layout: preprocessing overrides (default:
+            the model's metadata, else [0,1] RGB with no normalisation).
+        labels_file: maps class-folder names to class indices.
+        threshold: anomaly-index threshold (paper: 2).
+        seed: seeds initialisation and sampling (deterministic on CPU).
+        device: "auto", "cpu" or "cuda".
+        schedule: "fast" (default), "reference" (the original algorithm) or a ReverseConfig.
+        labels: only reverse these labels (default: all). Statistics need >= 3.
+        max_images: use at most this many clean images.
+        prescreen: "auto" (on for more than 64 labels), "on" or "off". Pre-screening runs
+            every label briefly, then fully optimises only the smallest-trigger labels plus
+            an unbiased random sample that sets the median and MAD (K-Arm-style scheduling).
+        progress: called after each optimisation step.
+        should_stop: polled; when True the scan raises KeyboardInterrupt.
+
+    Returns:
+        The ScanReport.
+
+    Raises:
+        NcscanError subclasses for user mistakes.
+    """
+    if not (threshold > 0):
+        raise ConfigError(f"--threshold must be positive, got {threshold}")
+    t0 = time.perf_counter()
+    prep = prepare(
+        model, data, pixel_range=pixel_range, mean=mean, std=std, channel_order=channel_order,
+        layout=layout, labels_file=labels_file, max_images=max_images, device=device, seed=seed,
+    )
+    t_prep = time.perf_counter() - t0
+    cfg = preset(schedule) if isinstance(schedule, str) else schedule
+    k = prep.num_classes
+    todo = list(range(k)) if labels is None else sorted(set(int(v) for v in labels))
+    bad = [v for v in todo if v < 0 or v >= k]
+    if bad:
+        raise ConfigError(f"--label {bad[0]} is out of range; the model has {k} classes (0..{k - 1})")
+    torch.manual_seed(seed)
+    t1 = time.perf_counter()
+    if prescreen not in ("auto", "on", "off"):
+        raise ConfigError(f"--prescreen must be auto, on or off, got {prescreen!r}")
+    use_screen = prescreen == "on" or (prescreen == "auto" and len(todo) > PRESCREEN_AUTO_MIN)
+    reference: set[int] | None = None
+    screened: set[int] = set()
+    if use_screen and len(todo) > PRESCREEN_SAMPLE + PRESCREEN_KEEP_MIN:
+        traces, passes, reference, screened = _prescreened(prep, todo, cfg, seed, progress, should_stop)
+    else:
+        traces, info = reverse_engineer(
+            prep.pixel_model, prep.x, prep.y, todo, cfg, seed=seed, device=prep.device,
+            progress=progress, should_stop=should_stop,
+        )
+        passes = int(info["passes"])
+    t_rev = time.perf_counter() - t1
+    asr = attack_success(prep.pixel_model, prep.x, prep.y, {tr.label: tr.trigger for tr in traces}, device=prep.device)
+    report = build_report(
+        prep, traces, asr, threshold=threshold, seed=seed, cfg=cfg, reference=reference, screened=screened
+    )
+    report.passes = passes
+    report.timings = {"prepare": t_prep, "reverse": t_rev, "total": time.perf_counter() - t0}
+    report.elapsed_seconds = time.perf_counter() - t0
+    return report
+
+
+PRESCREEN_AUTO_MIN = 64
+PRESCREEN_STEPS = 20
+PRESCREEN_KEEP_FRAC = 0.05
+PRESCREEN_KEEP_MIN = 8
+PRESCREEN_SAMPLE = 24
+
+
+def _prescreened(
+    prep: Prepared,
+    todo: list[int],
+    cfg: ReverseConfig,
+    seed: int,
+    progress: Callable[[Progress], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[list[LabelTrace], int, set[int], set[int]]:
+    """Two-stage scheduling for many labels (in the spirit of K-Arm, ICML 2021).
+
+    Stage 1 gives every label a short budget (PRESCREEN_STEPS steps, half the batch). A
+    backdoor target reaches a small working trigger fastest, so it ranks among the smallest
+    provisional norms. Stage 2 fully optimises the smallest PRESCREEN_KEEP_FRAC of labels
+    (at least PRESCREEN_KEEP_MIN) plus a seeded random sample of PRESCREEN_SAMPLE labels
+    drawn from ALL labels; that sample alone sets the median and MAD, so the statistics
+    stay unbiased while most labels are never fully optimised.
+
+    Returns:
+        (traces for all labels, image passes, the reference sample, labels screened out)
+    """
+    screen_cfg = replace(cfg, max_steps=PRESCREEN_STEPS, batch_size=max(8, cfg.batch_size // 2))
+    s_traces, s_info = reverse_engineer(
+        prep.pixel_model, prep.x, prep.y, todo, screen_cfg, seed=seed, device=prep.device,
+        progress=progress, should_stop=should_stop,
+    )
+    prov = {tr.label: (tr.trigger.l1 if tr.found else float("inf")) for tr in s_traces}
+    order = sorted(todo, key=lambda t: (prov[t], t))
+    n_keep = max(PRESCREEN_KEEP_MIN, int(np.ceil(PRESCREEN_KEEP_FRAC * len(todo))))
+    suspects = set(order[:n_keep])
+    rng = np.random.default_rng(seed)
+    sample = set(int(v) for v in rng.choice(np.array(todo), size=min(PRESCREEN_SAMPLE, len(todo)), replace=False))
+    refine = sorted(suspects | sample)
+    f_traces, f_info = reverse_engineer(
+        prep.pixel_model, prep.x, prep.y, refine, cfg, seed=seed + 1, device=prep.device,
+        progress=progress, should_stop=should_stop,
+    )
+    final = {tr.label: tr for tr in s_traces}
+    for tr in f_traces:
+        final[tr.label] = tr
+    screened = set(todo) - set(refine)
+    return [final[t] for t in todo], int(s_info["passes"]) + int(f_info["passes"]), sample, screened
+
+
+def build_report(
+    prep: Prepared,
+    traces: list[LabelTrace],
+    asr: dict[int, float],
+    *,
+    threshold: float,
+    seed: int,
+    cfg: ReverseConfig,
+    reference: set[int] | None = None,
+    screened: set[int] | None = None,
+) -> ScanReport:
+    """Statistics and verdict from the per-label traces."""
+    screened = screened or set()
+    l1 = np.array([tr.trigger.l1 if tr.found else np.nan for tr in traces])
+    ref_mask = None if reference is None else np.array([tr.label in reference for tr in traces])
+    out = anomaly_indices(l1, threshold=threshold, reference=ref_mask)
+    flagged_pos = {i for i in out.flagged if traces[i].label not in screened}
+    out = replace(out, flagged=[i for i in out.flagged if i in flagged_pos])
+    names = prep.data.class_names
+    meta_names = prep.onnx.metadata.get("ncscan.class_names")
+    if meta_names:
+        try:
+            import json
+
+            parsed = json.loads(meta_names)
+            if isinstance(parsed, list) and len(parsed) == prep.num_classes:
+                names = [str(v) for v in parsed]
+        except ValueError:
+            pass
+    results = []
+    for i, tr in enumerate(traces):
+        results.append(
+            LabelResult(
+                label=tr.label,
+                name=names[tr.label] if names is not None and tr.label < len(names) else None,
+                trigger=tr.trigger,
+                mask_l1=float(tr.trigger.l1),
+                attack_success=float(asr.get(tr.label, float("nan"))),
+                anomaly_index=float(out.anomaly_index[i]),
+                steps=tr.steps,
+                converged=tr.found,
+                early_stopped=tr.early_stopped,
+                flagged=i in flagged_pos,
+                screened_out=tr.label in screened,
+            )
+        )
+    flagged = [traces[i].label for i in out.flagged]
+    full = [i for i, tr in enumerate(traces) if tr.label not in screened]
+    n_found = int(np.isfinite(l1[full]).sum())
+    reasons: list[str] = []
+    if flagged:
+        verdict = "backdoor"
+    elif n_found < 3:
+        verdict = "inconclusive"
+        reasons.append(
+            f"only {n_found} label(s) reached a working trigger; the statistics need at least 3"
+        )
+    elif n_found < len(full):
+        verdict = "inconclusive"
+        miss = [traces[i].label for i in full if not traces[i].found]
+        reasons.append(
+            f"no trigger reached {cfg.schedule.attack_succ_threshold:.0%} attack success for "
+            f"label(s) {', '.join(map(str, miss[:10]))} within {cfg.max_steps} steps"
+        )
+    else:
+        verdict = "clean"
+    warnings = list(prep.warnings)
+    return ScanReport(
+        model=str(prep.onnx.path),
+        model_sha256=prep.onnx.sha256,
+        verdict=verdict,
+        flagged=flagged,
+        threshold=threshold,
+        labels=results,
+        median_l1=out.median,
+        mad=out.mad,
+        clean_accuracy=prep.clean_accuracy,
+        preprocess=prep.preprocess,
+        preprocess_source=prep.preprocess_source,
+        output=prep.output,
+        num_classes=prep.num_classes,
+        input_shape=[prep.onnx.input.channels, int(prep.x.shape[2]), int(prep.x.shape[3])],
+        seed=seed,
+        device=str(prep.device),
+        config=cfg,
+        parity=prep.parity,
+        n_images=len(prep.data),
+        elapsed_seconds=0.0,
+        timings={},
+        passes=0,
+        warnings=warnings,
+        reasons=reasons,
+    )

@@ -1,0 +1,223 @@
+"""Unit tests for the pure parts: statistics, schedule, trigger blend, preprocessing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ncscan import schedule as sched
+from ncscan.errors import ConfigError
+from ncscan.preprocess import PixelModel, Preprocess, parse_floats, resolve_preprocess
+from ncscan.stats import CONSISTENCY, anomaly_indices
+from ncscan.trigger import Trigger, blend, from_raw, to_raw
+
+
+# ------------------------------------------------------------------ stats
+
+
+def test_anomaly_index_matches_hand_computation() -> None:
+    l1 = np.array([10.0, 50.0, 52.0, 48.0, 55.0, 45.0, 51.0, 49.0, 53.0, 47.0])
+    med = np.median(l1)
+    mad = CONSISTENCY * np.median(np.abs(l1 - med))
+    out = anomaly_indices(l1, threshold=2.0)
+    assert out.median == pytest.approx(med)
+    assert out.mad == pytest.approx(mad)
+    np.testing.assert_allclose(out.anomaly_index, np.abs(l1 - med) / mad)
+    assert out.flagged == [0]
+
+
+def test_large_outliers_are_not_flagged() -> None:
+    l1 = np.array([50.0, 52.0, 48.0, 500.0, 51.0, 49.0])
+    out = anomaly_indices(l1)
+    assert out.anomaly_index[3] > 2
+    assert out.flagged == []
+
+
+def test_flagged_sorted_most_anomalous_first() -> None:
+    l1 = np.array([20.0, 50.0, 5.0, 51.0, 49.0, 50.5, 49.5, 50.2])
+    assert anomaly_indices(l1).flagged == [2, 0]
+
+
+def test_mad_zero_is_guarded() -> None:
+    l1 = np.array([40.0, 40.0, 40.0, 40.0, 3.0])
+    out = anomaly_indices(l1)
+    assert np.all(np.isfinite(out.anomaly_index))
+    assert out.flagged == [4]
+    same = anomaly_indices(np.full(6, 7.0))
+    assert same.flagged == [] and np.all(same.anomaly_index == 0)
+
+
+def test_nan_labels_ignored() -> None:
+    l1 = np.array([np.nan, 50.0, 52.0, 48.0, 5.0, 51.0, 49.0])
+    out = anomaly_indices(l1)
+    assert out.flagged == [4]
+    assert out.anomaly_index[0] == 0
+
+
+def test_reference_sample_sets_median_and_mad() -> None:
+    l1 = np.array([5.0, 50.0, 52.0, 48.0, 500.0, 51.0, 49.0, 1000.0])
+    ref = np.array([False, True, True, True, False, True, True, False])
+    out = anomaly_indices(l1, reference=ref)
+    assert out.median == pytest.approx(50.0)
+    assert out.flagged == [0]
+    assert out.anomaly_index[7] > 100  # far above, never flagged
+
+
+# ------------------------------------------------------------------ schedule
+
+
+def _run(seq_ok: list[bool], l1s: list[float] | None = None, cfg: sched.ScheduleConfig | None = None):
+    cfg = cfg or sched.ScheduleConfig()
+    s = sched.ScheduleState.init(1)
+    hist = []
+    for i, ok in enumerate(seq_ok):
+        l1 = np.array([l1s[i] if l1s else 100.0 - i])
+        s, imp = sched.step(s, np.array([1.0 if ok else 0.5]), l1, cfg)
+        hist.append((float(s.cost[0]), bool(imp[0]), bool(s.done[0])))
+    return s, hist
+
+
+def test_cost_starts_at_zero_and_arms_after_patience() -> None:
+    s, hist = _run([True] * 5)
+    assert [h[0] for h in hist[:4]] == [0.0] * 4
+    assert hist[4][0] == pytest.approx(1e-3)
+
+
+def test_cost_goes_up_after_patience_successes_and_down_after_failures() -> None:
+    s, hist = _run([True] * 5 + [True] * 5 + [False] * 5)
+    assert hist[9][0] == pytest.approx(2e-3)  # up x2 after 5 more successes
+    assert hist[14][0] == pytest.approx(2e-3 / 2**1.5)  # down after 5 failures
+    assert s.cost_up_flag[0] and s.cost_down_flag[0]
+
+
+def test_cost_not_reset_every_step_once_successful() -> None:
+    # ART's bug: resetting the cost on every successful step means it never rises.
+    s, hist = _run([True] * 30)
+    assert hist[-1][0] > 1e-3 * 2**4
+
+
+def test_best_only_from_successful_steps_with_smaller_l1() -> None:
+    # A failing step with a tiny mask must not become the best (TrojanZoo's bug).
+    s, hist = _run([True, False, True], l1s=[50.0, 1.0, 60.0])
+    assert [h[1] for h in hist] == [True, False, False]
+    assert s.best_l1[0] == 50.0
+
+
+def test_early_stop_needs_both_directions_and_patience() -> None:
+    cfg = sched.ScheduleConfig(early_stop_patience=3)
+    # Only successes: the cost never goes down, so no early stop however long.
+    s, hist = _run([True] * 40, l1s=[10.0] * 40, cfg=cfg)
+    assert not s.done[0]
+    # Up then down, then stagnation -> stops.
+    seq = [True] * 10 + [False] * 5 + [True] * 10
+    s, hist = _run(seq, l1s=[10.0] * len(seq), cfg=cfg)
+    assert s.done[0]
+
+
+def test_schedule_is_vectorised_per_label() -> None:
+    cfg = sched.ScheduleConfig()
+    s = sched.ScheduleState.init(3)
+    for _ in range(5):
+        s, _ = sched.step(s, np.array([1.0, 0.0, 1.0]), np.array([10.0, 10.0, 10.0]), cfg, active=np.array([True, True, False]))
+    assert list(s.cost) == [1e-3, 0.0, 0.0]
+    assert list(s.steps) == [5, 5, 0]
+
+
+# ------------------------------------------------------------------ trigger
+
+
+def test_blend_formula() -> None:
+    x = torch.rand(2, 3, 4, 4)
+    m = torch.zeros(4, 4)
+    m[1, 2] = 1.0
+    m[0, 0] = 0.25
+    p = torch.rand(3, 4, 4)
+    out = blend(x, m, p)
+    np.testing.assert_allclose(out[:, :, 1, 2], p[:, 1, 2].expand(2, 3))
+    np.testing.assert_allclose(out[:, :, 3, 3], x[:, :, 3, 3])
+    np.testing.assert_allclose(out[:, :, 0, 0], 0.75 * x[:, :, 0, 0] + 0.25 * p[:, 0, 0], rtol=1e-6)
+    t = Trigger(mask=m.numpy(), pattern=p.numpy())
+    np.testing.assert_allclose(t.apply(x.numpy()), out.numpy(), rtol=1e-6)
+    assert t.l1 == pytest.approx(1.25)
+
+
+def test_tanh_parameterisation_roundtrip() -> None:
+    v = torch.tensor([0.001, 0.2, 0.5, 0.9, 0.999])
+    np.testing.assert_allclose(from_raw(to_raw(v)), v, atol=1e-5)
+    assert float(from_raw(torch.tensor(50.0))) <= 1.0
+    assert float(from_raw(torch.tensor(-50.0))) >= 0.0
+
+
+# ------------------------------------------------------------------ preprocessing
+
+
+class _Echo(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)
+
+
+def test_pixel_model_applies_range_mean_std_bgr_layout() -> None:
+    pp = Preprocess(pixel_range=(0, 255), mean=(1.0, 2.0, 3.0), std=(2.0, 4.0, 8.0), channel_order="BGR", layout="NHWC")
+    pm = PixelModel(_Echo(), pp.validate(3), 3)
+    x = torch.rand(2, 3, 5, 6)
+    got = pm.to_model_input(x)
+    want = x.flip(1) * 255
+    want = (want - torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)) / torch.tensor([2.0, 4.0, 8.0]).view(1, 3, 1, 1)
+    want = want.permute(0, 2, 3, 1)
+    assert got.shape == (2, 5, 6, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_pixel_model_log_probabilities() -> None:
+    class Soft(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(x.reshape(x.shape[0], -1)[:, :5], 1)
+
+    pm = PixelModel(Soft(), Preprocess(), 1, output_is_prob=True)
+    x = torch.rand(3, 1, 4, 4)
+    np.testing.assert_allclose(pm(x), torch.log_softmax(x.reshape(3, -1)[:, :5], 1), atol=1e-5)
+
+
+def test_static_batch_one_handled() -> None:
+    class One(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert x.shape[0] == 1 or x.dim() == 3
+            return x.reshape(1, -1)[:, :4] * 2
+
+    pm = PixelModel(One(), Preprocess(), 1, static_batch_one=True)
+    x = torch.rand(5, 1, 2, 2)
+    np.testing.assert_allclose(pm(x), x.reshape(5, -1) * 2, rtol=1e-6)
+
+
+def test_preprocess_precedence_flags_over_metadata() -> None:
+    meta = {"ncscan.pixel_range": "0,255", "ncscan.mean": "0.5", "ncscan.channel_order": "BGR"}
+    pp, src = resolve_preprocess(meta, "NCHW", {"mean": (0.1,), "pixel_range": None})
+    assert pp.pixel_range == (0, 255) and src["pixel_range"] == "metadata"
+    assert pp.mean == (0.1,) and src["mean"] == "flag"
+    assert pp.channel_order == "BGR"
+    pp2, _ = resolve_preprocess({"Image.NominalPixelRange": "NominalRange_0_255"}, "NCHW")
+    assert pp2.pixel_range == (0, 255)
+
+
+@pytest.mark.parametrize(
+    "pp",
+    [
+        Preprocess(pixel_range=(1, 0)),
+        Preprocess(mean=(0.1, 0.2)),
+        Preprocess(std=(0.0,)),
+        Preprocess(channel_order="BGR"),
+    ],
+)
+def test_preprocess_rejects_contradictions(pp: Preprocess) -> None:
+    with pytest.raises(ConfigError):
+        pp.validate(channels=1 if pp.channel_order == "BGR" else 3)
+
+
+def test_parse_floats() -> None:
+    assert parse_floats("0,255", "x") == (0.0, 255.0)
+    assert parse_floats("[0.5, 0.25]", "x") == (0.5, 0.25)
+    with pytest.raises(ConfigError):
+        parse_floats("a,b", "x")
+    with pytest.raises(ConfigError):
+        parse_floats("nan", "x")
