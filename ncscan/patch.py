@@ -190,6 +190,7 @@ def patch(
     batch_size: int = 32,
     min_steps: int = 150,
     poison_fraction: float = 0.2,
+    distill: float = 1.0,
     fpr: float = 0.05,
     top_fraction: float = 0.01,
     layer: str | None = None,
@@ -362,7 +363,7 @@ def patch(
         tr = trainable_links(links)
         if not tr:
             raise ModelError("no weight of this model can be fine-tuned and written back (no Conv/Gemm/MatMul initializers found)")
-        cfg = UnlearnConfig(epochs=epochs, lr=lr, batch_size=batch_size, poison_fraction=poison_fraction, min_steps=min_steps)
+        cfg = UnlearnConfig(epochs=epochs, lr=lr, batch_size=batch_size, poison_fraction=poison_fraction, min_steps=min_steps, distill=distill)
         say(f"unlearning: {cfg.epochs} epoch(s), >= {cfg.min_steps} steps each, Adam lr {cfg.lr:g}, {cfg.poison_fraction:.0%} stamped")
         stats = unlearn_model(pm, net, xt, yt, [trigs[t] for t in chosen_labels], tr, cfg, seed=seed, device=dev)
         result["unlearn"] = {**cfg.to_dict(), **stats}

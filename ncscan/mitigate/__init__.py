@@ -1,0 +1,1 @@
+"""Backdoor mitigations (Neural Cleanse, section 6): unlearning, neuron pruning, input filter."""

@@ -30,6 +30,7 @@ class UnlearnConfig:
     batch_size: int = 32
     poison_fraction: float = 0.2
     min_steps: int = 150  # per epoch
+    distill: float = 1.0  # weight of matching the original model's outputs on unstamped images
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +65,10 @@ def unlearn(
     steps = per_epoch * max(1, cfg.epochs)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     pm.eval()
+    ref_logp = None
+    if cfg.distill > 0:
+        with torch.no_grad():
+            ref_logp = torch.cat([F.log_softmax(pm(x[i : i + 256].to(dev)), 1).cpu() for i in range(0, n, 256)], 0)
     losses: list[float] = []
     order = torch.randperm(n, generator=gen)
     pos = 0
@@ -77,8 +82,10 @@ def unlearn(
             xb = x[idx].to(dev).clone()
             yb = y[idx].to(dev)
             k = int(round(cfg.poison_fraction * len(idx)))
+            clean = torch.ones(len(idx), dtype=torch.bool)
             if k > 0:
                 sel = torch.randperm(len(idx), generator=gen)[:k]
+                clean[sel] = False
                 which = torch.randint(len(triggers), (k,), generator=gen)
                 for j in range(len(triggers)):
                     s = sel[which == j].to(dev)
@@ -86,6 +93,11 @@ def unlearn(
                         xb[s] = xb[s] * (1 - masks[j]) + masks[j] * pats[j]
             out = pm(xb)
             loss = F.cross_entropy(out, yb)
+            if ref_logp is not None and bool(clean.any()):
+                c = clean.to(dev)
+                logp = F.log_softmax(out[c], 1)
+                ref = ref_logp[idx][clean].to(dev)
+                loss = loss + cfg.distill * F.kl_div(logp, ref, log_target=True, reduction="batchmean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

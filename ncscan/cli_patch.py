@@ -1,0 +1,164 @@
+"""`ncscan patch`: the command-line front of `ncscan.patch.patch`.
+
+Registered in cli.py with `app.command("patch")(patch_cmd)`.
+Exit codes: 0 written (or nothing flagged: nothing to do), 1 the patched model failed its
+guard and was not written (unless --force), 2 bad input, 3 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .cli import (
+    Bgr,
+    DataOpt,
+    DebugOpt,
+    Device,
+    DeviceOpt,
+    LabelsOpt,
+    LayoutOpt,
+    Mean,
+    Pixel,
+    QuietOpt,
+    SeedOpt,
+    Std,
+    _floats,
+    _stderr_console,
+)
+from .errors import ConfigError
+
+
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None or v != v else f"{v:.1%}"
+
+
+def render_patch(res: Any, console: Any) -> None:
+    """The before/after table on stderr."""
+    from rich.table import Table
+
+    if not res.labels:
+        console.print("nothing flagged and no --label given: the model needs no patch; nothing written")
+        return
+    t = Table(title=f"ncscan patch ({'+'.join(res.methods)}) · labels {', '.join(map(str, res.labels))} · {res.n_holdout} held-out images")
+    t.add_column("measure")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_row("clean accuracy", _pct(res.clean_accuracy_before), _pct(res.clean_accuracy_after))
+    for lab in res.labels:
+        after = _pct(res.attack_success_after.get(lab))
+        if res.attack_success_after_filter is not None:
+            after += f" ({_pct(res.attack_success_after_filter.get(lab))} unflagged)"
+        t.add_row(f"reversed-trigger attack success → {lab}", _pct(res.attack_success_before.get(lab)), after)
+    if res.pruned_count is not None:
+        ok = "reached" if res.prune_success else "NOT reached"
+        t.add_row("pruned neurons", "", f"{res.pruned_count}/{res.pruned_total} ({_pct(res.pruned_fraction)}; target {ok})")
+    if res.filter_threshold is not None:
+        t.add_row("filter threshold", "", f"{res.filter_threshold:.4g} ({len(res.filter_neurons or [])} neuron(s))")
+        t.add_row("filter FPR / FNR", "", f"{_pct(res.filter_fpr)} / {_pct(res.filter_fnr)}")
+    if res.parity_max_rel is not None:
+        t.add_row("onnxruntime parity (max rel diff)", "", f"{res.parity_max_rel:.1e}")
+    console.print(t)
+    for w in res.warnings:
+        console.print(f"warning: {w}")
+    if res.guard_reasons:
+        console.print("guard failed: " + "; ".join(res.guard_reasons))
+    if res.written:
+        console.print(f"wrote {res.output}")
+    elif res.output:
+        console.print(f"not written: {res.output} (use --force to write anyway)")
+
+
+def patch_cmd(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to patch.", show_default=False)],
+    data: DataOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the patched ONNX model (atomically; never the input).")],
+    unlearn: Annotated[bool, typer.Option("--unlearn", help="Fine-tune with reversed-trigger images that keep their true labels.")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Zero the penultimate neurons the trigger excites until its attack success < 5%.")] = False,
+    filt: Annotated[bool, typer.Option("--filter", help="Add ncscan_score/ncscan_flag outputs that flag triggered inputs.")] = False,
+    report: Annotated[Optional[Path], typer.Option("--report", help="A scan's JSON report (ncscan scan -f json); default: scan here.")] = None,
+    label: Annotated[Optional[list[int]], typer.Option("--label", help="Patch this label (repeatable); default: the flagged labels.")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Unlearning epochs (each at least --min-steps optimizer steps).", min=1)] = 1,
+    lr: Annotated[float, typer.Option("--lr", help="Unlearning learning rate (Adam).")] = 1e-3,
+    min_steps: Annotated[int, typer.Option("--min-steps", help="Minimum optimizer steps per unlearning epoch.", min=1)] = 150,
+    fpr: Annotated[float, typer.Option("--fpr", help="Filter false-positive rate on clean held-out images.")] = 0.05,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="ONNX node (or tensor) whose output pruning/filter use (default: the input of the last Gemm/MatMul).")] = None,
+    max_accuracy_drop: Annotated[float, typer.Option("--max-accuracy-drop", help="Guard: largest clean-accuracy drop allowed, in points.")] = 2.0,
+    force: Annotated[bool, typer.Option("--force", help="Write even when the guard fails.")] = False,
+    labels: LabelsOpt = None,
+    pixel_range: Pixel = None,
+    mean: Mean = None,
+    std: Std = None,
+    bgr: Bgr = None,
+    layout: LayoutOpt = None,
+    max_images: Annotated[int, typer.Option("--max-images", help="Use at most this many clean images.", min=1)] = 2000,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = Device.auto,
+    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="table (stderr) or json (stdout).")] = None,
+    output_report: Annotated[Optional[Path], typer.Option("--output-report", help="Also write the JSON result to this file.")] = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> int:
+    """Mitigate a found backdoor (unlearning, pruning, input filter) and write ONNX."""
+    from .io import atomic_write_text, check_output_path
+    from .patch import patch
+
+    err = _stderr_console(quiet)
+    f = (fmt or "table").lower()
+    if f not in ("table", "json"):
+        raise ConfigError(f"--format must be table or json, got {fmt!r}")
+    if output_report is not None:
+        check_output_path(output_report, [model, data, output])
+        try:
+            if output_report.resolve() == output.resolve():
+                raise ConfigError("--output-report and -o are the same file")
+        except OSError:
+            pass
+
+    def log(msg: str) -> None:
+        if not quiet:
+            err.print(msg)
+
+    res = patch(
+        model,
+        data,
+        output=output,
+        unlearn=unlearn,
+        prune=prune,
+        filter=filt,
+        report=report,
+        labels=label or None,
+        epochs=epochs,
+        lr=lr,
+        min_steps=min_steps,
+        fpr=fpr,
+        layer=layer,
+        max_accuracy_drop=max_accuracy_drop,
+        force=force,
+        seed=seed,
+        device=device.value,
+        pixel_range=_floats(pixel_range, "--pixel-range", 2),
+        mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"),
+        channel_order=None if bgr is None else ("BGR" if bgr else "RGB"),
+        layout=layout.value if layout else None,
+        labels_file=labels,
+        max_images=max_images,
+        log=log,
+    )
+    text = json.dumps(res.to_dict(), indent=2, sort_keys=False) + "\n"
+    if output_report is not None:
+        atomic_write_text(output_report, text)
+    if f == "json":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    if not quiet:
+        render_patch(res, err)
+    if not res.labels:
+        return 0
+    # A failed guard exits 1 even with --force (the file is then written anyway).
+    return 0 if res.guard_passed else 1
