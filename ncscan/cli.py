@@ -337,6 +337,11 @@ def version_cmd() -> int:
     return 0
 
 
+from .cli_patch import patch_cmd  # noqa: E402  (uses the option aliases above)
+
+app.command("patch")(patch_cmd)
+
+
 def _route(argv: list[str]) -> list[str]:
     """`ncscan MODEL ...` means `ncscan scan MODEL ...`."""
     if not argv:
@@ -356,7 +361,7 @@ def run(argv: Optional[list[str]] = None) -> int:
     """Run the CLI and return the exit code (never raises)."""
     from typer import _click as click
 
-    args = _route(list(sys.argv[1:] if argv is None else argv))
+    args = _route(list(sys.argv[1:] if argv is None else argv)) or ["--help"]
     if args[:1] == ["--version"]:
         sys.stdout.write(f"ncscan {__version__}\n")
         return 0

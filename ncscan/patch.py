@@ -30,7 +30,7 @@ from .mitigate.layers import activations, capture, find_layer, tensor_links, tra
 from .mitigate.prune import prune as prune_neurons
 from .mitigate.unlearn import UnlearnConfig, unlearn as unlearn_model
 from .reverse import predict
-from .scan import Prepared, ScanReport, decode_trigger, prepare, scan
+from .scanner import Prepared, ScanReport, decode_trigger, prepare, scan
 from .trigger import Trigger
 
 TARGET_ASR = 0.05
@@ -193,6 +193,7 @@ def patch(
     distill: float = 1.0,
     fpr: float = 0.05,
     top_fraction: float = 0.01,
+    min_neurons: int = 8,
     layer: str | None = None,
     max_accuracy_drop: float = 2.0,
     holdout: float = HOLDOUT,
@@ -222,7 +223,8 @@ def patch(
         epochs, lr, batch_size, min_steps, poison_fraction: unlearning (Adam; at least
             `min_steps` steps per epoch; `poison_fraction` of each batch stamped).
         fpr: the filter's false-positive rate on clean held-out images.
-        top_fraction: fraction of neurons in the filter's activation profile (>= 1 neuron).
+        top_fraction, min_neurons: the filter's activation profile averages the top
+            `top_fraction` of neurons (paper: 1%), at least `min_neurons`.
         layer: ONNX node (or output tensor) whose output pruning/filter use
             (default: the input of the last Gemm/MatMul).
         max_accuracy_drop: guard, in accuracy points.
@@ -413,7 +415,7 @@ def patch(
             a_clean = activations(pm, net, lay, xt)
             a_trig = activations(pm, net, lay, _stamp_all(xt, yt, trigs)[0])
             gap = a_trig.mean(0) - a_clean.mean(0)
-        neurons = choose_neurons(gap, top_fraction)
+        neurons = choose_neurons(gap, top_fraction, min_neurons)
         xs_h, ts_h = _stamp_all(xh, yh, trigs)
         prof0 = FilterProfile(neurons=neurons, threshold=0.0, rank_dims=2)
         s_clean = prof0.score(activations(pm, net, lay, xh)).numpy()

@@ -109,6 +109,10 @@ def _bytes_per_image(model: torch.nn.Module, x1: torch.Tensor) -> int:
     return max(total[0] + x1.numel() * x1.element_size(), 1)
 
 
+def _has_conv(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in model.modules())
+
+
 def choose_chunk(model: torch.nn.Module, x1: torch.Tensor, n_labels: int, cfg: ReverseConfig) -> int:
     """Labels per batch: as many as fit the activation-memory budget (x3 for backward)."""
     if cfg.label_chunk is not None:
@@ -148,6 +152,10 @@ def reverse_engineer(
     """
     dev = torch.device(device)
     model = model.to(dev)
+    # channels_last makes oneDNN/cuDNN convolutions markedly faster (1.5x measured on CPU
+    # for the MNIST fixtures); values are unchanged.
+    fmt = torch.channels_last if _has_conv(model) else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     x = x.to(dev)
     n, c, h, w = x.shape
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -199,7 +207,7 @@ def reverse_engineer(
                 m = from_raw(mraw[ai])  # [A,1,H,W]
                 p = from_raw(praw[ai])  # [A,C,H,W]
                 xs = xb * (1 - m[:, None]) + m[:, None] * p[:, None]
-                out = model(xs.reshape(A * cfg.batch_size, c, h, w))
+                out = model(xs.reshape(A * cfg.batch_size, c, h, w).contiguous(memory_format=fmt))
                 tgt = targets[ai].repeat_interleave(cfg.batch_size)
                 ce = F.cross_entropy(out, tgt, reduction="none").view(A, cfg.batch_size).mean(1)
                 reg = m.abs().sum(dim=(1, 2, 3))

@@ -515,7 +515,7 @@ def test_ncscan_scans_keras_fixture(infected):
     scan = getattr(ncscan, "scan", None)
     if scan is None:
         try:
-            from ncscan.scan import scan  # type: ignore[no-redef]
+            from ncscan.scanner import scan  # type: ignore[no-redef]
         except ImportError:
             pytest.skip("ncscan.scan is not available yet")
     if not callable(scan):

@@ -37,8 +37,16 @@ class FilterProfile:
         return acts[:, self.neurons].mean(1)
 
 
-def choose_neurons(gap: torch.Tensor, top_fraction: float = 0.01) -> list[int]:
-    k = max(1, math.ceil(top_fraction * len(gap)))
+MIN_NEURONS = 8
+
+
+def choose_neurons(gap: torch.Tensor, top_fraction: float = 0.01, min_neurons: int = MIN_NEURONS) -> list[int]:
+    """The top `top_fraction` of neurons by gap, at least `min_neurons` (capped at the width).
+
+    The paper's 1% is a single neuron in a 64-wide layer; on the MNIST BadNets fixture that
+    one neuron misses 58% of truly triggered inputs at 5% FPR, while 8 neurons miss none.
+    """
+    k = min(len(gap), max(1, min_neurons, math.ceil(top_fraction * len(gap))))
     return torch.argsort(gap, descending=True)[:k].tolist()
 
 
@@ -88,7 +96,9 @@ def add_filter(proto: onnx.ModelProto, activation: str, profile: FilterProfile) 
         nodes.append(helper.make_node("ReduceMean", [p + "picked"], [SCORE], name=p + "ReduceMean", axes=axes, keepdims=0))
     nodes.append(helper.make_node("Greater", [SCORE, p + "threshold"], [FLAG], name=p + "Greater"))
     g.node.extend(nodes)
-    batch = g.input[0].type.tensor_type.shape.dim[0] if g.input and g.input[0].type.tensor_type.shape.dim else None
+    init_names = {t.name for t in g.initializer}
+    data_in = [i for i in g.input if i.name not in init_names]
+    batch = data_in[0].type.tensor_type.shape.dim[0] if data_in and data_in[0].type.tensor_type.shape.dim else None
     dim: list[object] = ["N"]
     if batch is not None and batch.HasField("dim_value") and batch.dim_value > 0:
         dim = [int(batch.dim_value)]

@@ -31,9 +31,32 @@ class UnlearnConfig:
     poison_fraction: float = 0.2
     min_steps: int = 150  # per epoch
     distill: float = 1.0  # weight of matching the original model's outputs on unstamped images
+    # A reversed trigger is the SMALLEST patch that works, usually a subset of the real one
+    # (the square fixture: 8 px reversed vs 16 px true). Stamping it grown by up to
+    # `augment_grow` pixels and shifted by up to `augment_shift` teaches the model to ignore
+    # the neighbourhood of the trigger too, not just its minimal core.
+    augment_grow: int = 1
+    augment_shift: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _augmented(
+    mask: torch.Tensor, pattern: torch.Tensor, cfg: UnlearnConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A randomly grown (max-pool dilation) and shifted copy of a trigger."""
+    m = mask
+    grow = int(torch.randint(cfg.augment_grow + 1, (1,), generator=gen)) if cfg.augment_grow > 0 else 0
+    if grow > 0:
+        k = 2 * grow + 1
+        m = F.max_pool2d(m[None, None], k, stride=1, padding=grow)[0, 0]
+    p = pattern
+    if cfg.augment_shift > 0:
+        dy, dx = (int(v) for v in torch.randint(-cfg.augment_shift, cfg.augment_shift + 1, (2,), generator=gen))
+        m = torch.roll(m, (dy, dx), (0, 1))
+        p = torch.roll(p, (dy, dx), (1, 2))
+    return m, p
 
 
 def unlearn(
@@ -90,7 +113,8 @@ def unlearn(
                 for j in range(len(triggers)):
                     s = sel[which == j].to(dev)
                     if len(s):
-                        xb[s] = xb[s] * (1 - masks[j]) + masks[j] * pats[j]
+                        m, p = _augmented(masks[j], pats[j], cfg, gen)
+                        xb[s] = xb[s] * (1 - m) + m * p
             out = pm(xb)
             loss = F.cross_entropy(out, yb)
             if ref_logp is not None and bool(clean.any()):

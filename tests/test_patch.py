@@ -1,0 +1,226 @@
+"""`ncscan patch`: unlearning, pruning, filter, ONNX export, CLI exit codes.
+
+Measured on the mnist_badnets_square fixture with the TRUE trigger on the held-out
+test.npz; the patch itself only ever sees the REVERSED trigger (one label reversed once
+per module).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "fixtures"
+MODEL = FIX / "models" / "mnist_badnets_square.onnx"
+SCAN = FIX / "data" / "mnist" / "scan"
+TEST = FIX / "data" / "mnist" / "test.npz"
+TRUE_TRIGGER = FIX / "triggers" / "mnist_badnets_square_t7.npz"
+TARGET = 7
+
+pytestmark = pytest.mark.skipif(not MODEL.exists() or not TEST.exists(), reason="fixtures not built")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    """A scan report carrying the REVERSED trigger of label 7 (only that label is reversed)."""
+    from ncscan.model import sha256_file
+    from ncscan.scanner import encode_trigger, scan
+
+    rep = scan(MODEL, SCAN, labels=[TARGET], device="cpu", seed=0)
+    lr = rep.by_label[TARGET]
+    d = rep.to_dict()
+    d["flagged"] = [TARGET]
+    d["labels"] = [{**lr.to_dict(), "flagged": True, "trigger": encode_trigger(lr.trigger)}]
+    assert d["model_sha256"] == sha256_file(MODEL)
+    p = tmp_path_factory.mktemp("rep") / "scan.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
+def _test_data():
+    from ncscan.trigger import Trigger
+
+    z = np.load(TEST)
+    x = z["x"].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    y = z["y"].astype(np.int64)
+    t = Trigger.load(str(TRUE_TRIGGER))
+    keep = y != TARGET
+    return x, y, t.apply(x[keep]).astype(np.float32)
+
+
+def _ort(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in s.get_outputs()]
+    return dict(zip(names, s.run(names, {s.get_inputs()[0].name: x})))
+
+
+def _structure_kept(src: Path, out: Path, extra_nodes: int = 0) -> list[str]:
+    a, b = onnx.load(str(src)), onnx.load(str(out))
+    na = [(n.name, n.op_type, list(n.input), list(n.output)) for n in a.graph.node]
+    nb = [(n.name, n.op_type, list(n.input), list(n.output)) for n in b.graph.node]
+    assert nb[: len(na)] == na and len(nb) == len(na) + extra_nodes
+    assert [i.name for i in b.graph.input] == [i.name for i in a.graph.input]
+    assert [o.name for o in b.graph.output][: len(a.graph.output)] == [o.name for o in a.graph.output]
+    assert b.opset_import == a.opset_import and b.ir_version <= 13
+    ia = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    ib = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert set(ia) <= set(ib)
+    for k in ia:
+        assert ia[k].shape == ib[k].shape and ia[k].dtype == ib[k].dtype
+    meta = {kv.key: kv.value for kv in b.metadata_props}
+    for kv in a.metadata_props:
+        assert kv.key in meta
+    assert meta["ncscan.patch.source_sha256"]
+    assert json.loads(meta["ncscan.patch.labels"]) == [TARGET]
+    json.loads(meta["ncscan.patch.figures"])
+    return [k for k in ia if not np.array_equal(ia[k], ib[k])]
+
+
+@pytest.fixture(scope="module")
+def unlearned(report, tmp_path_factory):
+    from ncscan.patch import patch
+
+    out = tmp_path_factory.mktemp("u") / "patched.onnx"
+    res = patch(MODEL, SCAN, output=out, unlearn=True, report=report, device="cpu", seed=0)
+    return res, out
+
+
+def test_unlearn_removes_true_trigger(unlearned):
+    res, out = unlearned
+    assert res.written and res.guard_passed and out.exists()
+    assert res.export == "initializers" and res.parity_max_rel < 1e-4
+    x, y, xt = _test_data()
+    base = _ort(MODEL, x)["output"].argmax(1)
+    pred = _ort(out, x)["output"].argmax(1)
+    acc0, acc1 = float((base == y).mean()), float((pred == y).mean())
+    asr0 = float((_ort(MODEL, xt)["output"].argmax(1) == TARGET).mean())
+    asr1 = float((_ort(out, xt)["output"].argmax(1) == TARGET).mean())
+    print(f"unlearn: acc {acc0:.4f}->{acc1:.4f} true ASR {asr0:.4f}->{asr1:.4f}")
+    assert asr0 > 0.9
+    assert asr1 <= 0.05
+    assert (acc0 - acc1) * 100 <= 2.0
+
+
+def test_unlearn_export_keeps_graph_and_parity(unlearned):
+    from ncscan.model import load_onnx
+
+    res, out = unlearned
+    changed = _structure_kept(MODEL, out)
+    assert changed and sorted(changed) == sorted(res.changed_initializers)
+    # parity of the written model vs the patched torch conversion of the written model
+    om = load_onnx(out)
+    assert om.metadata["ncscan.patch.method"] == "unlearn"
+    d = res.to_dict()
+    assert d["written"] and d["labels"] == [TARGET] and d["attack_success_after"][str(TARGET)] <= 0.05
+    json.dumps(d)
+
+
+def test_filter_wrapper(report, tmp_path):
+    from ncscan.patch import patch
+    from ncscan.serve import FilteredModel
+
+    out = tmp_path / "filtered.onnx"
+    res = patch(MODEL, SCAN, output=out, filter=True, report=report, device="cpu", seed=0)
+    assert res.written and res.filter_threshold is not None
+    assert res.parity_filter_max_rel is not None and res.parity_filter_max_rel < 1e-4
+    _structure_kept(MODEL, out, extra_nodes=4)
+    x, y, xt = _test_data()
+    o_clean, o_trig = _ort(out, x), _ort(out, xt)
+    # the original output is unchanged
+    np.testing.assert_allclose(o_clean["output"], _ort(MODEL, x)["output"], rtol=0, atol=0)
+    assert o_clean["ncscan_score"].shape == (len(x),) and o_clean["ncscan_flag"].dtype == np.bool_
+    fpr = float(o_clean["ncscan_flag"].mean())
+    fnr = float((~o_trig["ncscan_flag"]).mean())
+    print(f"filter: test FPR {fpr:.4f} FNR {fnr:.4f} (held-out FPR {res.filter_fpr} FNR {res.filter_fnr})")
+    assert fpr <= 0.05 + 0.02  # calibrated to 5% on 60 held-out images
+    assert fnr <= 0.05
+    # the serving helper: uint8 NHWC in, flags out
+    fm = FilteredModel(out)
+    z = np.load(TEST)
+    p = fm.predict(z["x"][:50])
+    assert fm.has_filter and p.flags is not None and p.labels.shape == (50,)
+    np.testing.assert_array_equal(p.flags, o_clean["ncscan_flag"][:50])
+
+
+def test_prune_reports(report, tmp_path):
+    from ncscan.patch import patch
+
+    out = tmp_path / "pruned.onnx"
+    res = patch(MODEL, SCAN, output=out, prune=True, report=report, device="cpu", seed=0, force=True)
+    assert res.pruned_count is not None and res.pruned_total == 64
+    assert res.written and res.parity_max_rel < 1e-4
+    changed = _structure_kept(MODEL, out)
+    assert changed == ["core.fc2.weight"]
+    w = numpy_helper.to_array({t.name: t for t in onnx.load(str(out)).graph.initializer}["core.fc2.weight"])
+    assert int((np.abs(w).sum(0) == 0).sum()) >= res.pruned_count
+    x, y, xt = _test_data()
+    asr = float((_ort(out, xt)["output"].argmax(1) == TARGET).mean())
+    acc = float((_ort(out, x)["output"].argmax(1) == y).mean())
+    print(f"prune: {res.pruned_count}/{res.pruned_total} success={res.prune_success} test acc {acc:.4f} true ASR {asr:.4f}")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _cli(args: list[str]) -> int:
+    from ncscan.cli import app, run
+    from ncscan.cli_patch import patch_cmd
+
+    if not any(c.name == "patch" for c in app.registered_commands):
+        app.command("patch")(patch_cmd)
+    return run(args)
+
+
+def test_cli_output_is_input():
+    assert _cli(["patch", str(MODEL), "--data", str(SCAN), "--unlearn", "-o", str(MODEL)]) == 2
+
+
+def test_cli_no_method(tmp_path):
+    assert _cli(["patch", str(MODEL), "--data", str(SCAN), "-o", str(tmp_path / "x.onnx")]) == 2
+
+
+def test_cli_report_for_other_model(tmp_path, report):
+    d = json.loads(report.read_text())
+    d["model_sha256"] = "0" * 64
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps(d))
+    out = tmp_path / "x.onnx"
+    assert _cli(["patch", str(MODEL), "--data", str(SCAN), "--unlearn", "--report", str(bad), "-o", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_cli_nothing_flagged(tmp_path, report, capsys):
+    d = json.loads(report.read_text())
+    d["flagged"] = []
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps(d))
+    out = tmp_path / "x.onnx"
+    rc = _cli(["patch", str(MODEL), "--data", str(SCAN), "--unlearn", "--report", str(clean), "-o", str(out), "-f", "json"])
+    assert rc == 0 and not out.exists()
+    assert json.loads(capsys.readouterr().out)["labels"] == []
+
+
+def test_cli_guard_fail_writes_nothing(tmp_path, report, capsys):
+    out = tmp_path / "x.onnx"
+    # 8 optimizer steps at a tiny learning rate cannot unlearn the backdoor
+    rc = _cli(["patch", str(MODEL), "--data", str(SCAN), "--unlearn", "--report", str(report), "-o", str(out),
+               "--min-steps", "1", "--lr", "1e-6", "-f", "json", "--device", "cpu"])
+    assert rc == 1 and not out.exists()
+    d = json.loads(capsys.readouterr().out)
+    assert d["written"] is False and d["guard_passed"] is False and d["guard_reasons"]

@@ -1,0 +1,24 @@
+"""Pre-screening (K-Arm-style scheduling) on a tiny many-class model: bookkeeping only.
+
+Detection quality with pre-screening is measured in bench/scaling.py on a real backbone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ncscan.scanner import PRESCREEN_KEEP_MIN, PRESCREEN_SAMPLE, scan
+
+from . import tiny
+
+
+def test_prescreen_optimises_a_subset_and_reports_all(workdir: Path) -> None:
+    m = tiny.linear_classifier(workdir / "wide.onnx", classes=80)
+    d = tiny.write_images(workdir / "imgs", n=40, classes=4)
+    r = scan(m, d, device="cpu", prescreen="on", schedule="fast", seed=0)
+    assert len(r.labels) == 80
+    full = [x for x in r.labels if not x.screened_out]
+    assert PRESCREEN_KEEP_MIN <= len(full) <= PRESCREEN_KEEP_MIN + PRESCREEN_SAMPLE
+    assert all(not x.flagged for x in r.labels if x.screened_out)
+    # Screened-out labels got only the short stage-1 budget.
+    assert max(x.steps for x in r.labels if x.screened_out) <= 20
