@@ -78,6 +78,7 @@ def step(
     l1: np.ndarray,
     cfg: ScheduleConfig,
     active: np.ndarray | None = None,
+    verified: np.ndarray | None = None,
 ) -> tuple[ScheduleState, np.ndarray]:
     """Advance the schedule of the active labels by one step.
 
@@ -87,6 +88,8 @@ def step(
         l1: per label, the mask L1 at the end of the step.
         cfg: the schedule's hyperparameters.
         active: which labels took part in this step (default: those not done).
+        verified: per label, whether the current mask also passed an independent check of
+            its attack success (default: all True). A mask only becomes the best if it did.
 
     Returns:
         (new state, improved) where `improved[i]` says label i's best mask should be
@@ -97,6 +100,8 @@ def step(
     ok = attack_success >= thr
 
     improved = act & ok & (l1 < s.best_l1)
+    if verified is not None:
+        improved &= verified
     best_l1 = np.where(improved, l1, s.best_l1)
 
     # Early stop: counts steps without improvement once a valid trigger exists.

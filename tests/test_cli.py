@@ -179,15 +179,25 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert cmd in out
 
 
-def test_every_scan_option_is_documented_in_readme() -> None:
+@pytest.mark.parametrize("command", ["scan", "patch", "export"])
+def test_every_option_is_documented_in_readme(command: str) -> None:
     from typer.main import get_command
 
     from ncscan.cli import app
 
     readme = (ROOT / "README.md").read_text()
-    cmd = get_command(app).commands["scan"]  # type: ignore[attr-defined]
+    cmd = get_command(app).commands[command]  # type: ignore[attr-defined]
     missing = [o for p in cmd.params for o in p.opts if o.startswith("--") and o not in readme]
     assert missing == []
+
+
+def test_readme_quick_start_has_exactly_two_commands() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert text.split("## ")[1].startswith("Quick start")
+    block = text.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    cmds = [ln for ln in block.strip().splitlines() if ln.strip()]
+    assert len(cmds) == 2
+    assert "ncscan fixtures/models/" in cmds[0] and "pytest" in cmds[1]
 
 
 def test_sigterm_exits_promptly_and_writes_nothing(tmp_path: Path) -> None:
