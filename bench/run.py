@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--fixtures", default=",".join(DEFAULT_FIXTURES))
     ap.add_argument("--repeats", type=int, default=1, help="repeat the default mode this many times (median)")
     ap.add_argument("--quick", action="store_true", help="skip the reference mode")
+    ap.add_argument("--reference-fixtures", default="mnist_badnets_square,mnist_clean",
+                    help="fixtures also run in reference mode (it is slow); 'all' for every one")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench"))
@@ -145,7 +147,8 @@ def main() -> None:
             fast["repeats"] = len(ok)
         rows.append(fast)
         print(json.dumps(fast), file=sys.stderr)
-        if not args.quick:
+        ref_set = set(args.reference_fixtures.split(","))
+        if not args.quick and ("all" in ref_set or n in ref_set):
             ref = run_child(n, "reference", args.threads, args.seed)
             rows.append(ref)
             print(json.dumps(ref), file=sys.stderr)

@@ -12,7 +12,6 @@ Exit codes (the CI-gate contract):
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import traceback
