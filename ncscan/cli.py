@@ -88,6 +88,25 @@ def _floats(text: Optional[str], what: str, n: Optional[int] = None) -> Optional
     return vals
 
 
+def _preprocess_kwargs(
+    pixel_range: Optional[str],
+    mean: Optional[str],
+    std: Optional[str],
+    bgr: Optional[bool],
+    layout: Optional["Layout"],
+    labels: Optional[Path],
+) -> dict[str, Any]:
+    """The data/preprocessing flags shared by scan and patch, as library keyword arguments."""
+    return {
+        "pixel_range": _floats(pixel_range, "--pixel-range", 2),
+        "mean": _floats(mean, "--mean"),
+        "std": _floats(std, "--std"),
+        "channel_order": None if bgr is None else ("BGR" if bgr else "RGB"),
+        "layout": layout.value if layout else None,
+        "labels_file": labels,
+    }
+
+
 def _load_config(path: Optional[Path]) -> dict[str, Any]:
     """Read hyperparameter overrides from a JSON or TOML file."""
     if path is None:
@@ -238,12 +257,7 @@ def scan_cmd(
         report = scan(
             model,
             data,
-            pixel_range=_floats(pixel_range, "--pixel-range", 2),
-            mean=_floats(mean, "--mean"),
-            std=_floats(std, "--std"),
-            channel_order=None if bgr is None else ("BGR" if bgr else "RGB"),
-            layout=layout.value if layout else None,
-            labels_file=labels,
+            **_preprocess_kwargs(pixel_range, mean, std, bgr, layout, labels),
             threshold=threshold,
             seed=seed,
             device=device.value,

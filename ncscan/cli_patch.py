@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .cli import (
+    _preprocess_kwargs,
     Bgr,
     DataOpt,
     DebugOpt,
@@ -27,7 +28,6 @@ from .cli import (
     QuietOpt,
     SeedOpt,
     Std,
-    _floats,
     _stderr_console,
 )
 from .errors import ConfigError
@@ -141,12 +141,7 @@ def patch_cmd(
         force=force,
         seed=seed,
         device=device.value,
-        pixel_range=_floats(pixel_range, "--pixel-range", 2),
-        mean=_floats(mean, "--mean"),
-        std=_floats(std, "--std"),
-        channel_order=None if bgr is None else ("BGR" if bgr else "RGB"),
-        layout=layout.value if layout else None,
-        labels_file=labels,
+        **_preprocess_kwargs(pixel_range, mean, std, bgr, layout, labels),
         max_images=max_images,
         log=log,
     )

@@ -18,8 +18,6 @@ def check_output_path(path: str | os.PathLike[str], inputs: list[str | os.PathLi
     p = Path(path)
     for i in inputs:
         try:
-            if Path(i).exists() and p.exists() and p.resolve() == Path(i).resolve():
-                raise OutputError(f"output {p} is the input {i}; choose another output path")
             if p.resolve() == Path(i).resolve():
                 raise OutputError(f"output {p} is the input {i}; choose another output path")
         except OSError:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -224,9 +224,9 @@ class PixelModel(nn.Module):
         channels: number of input channels of the model.
         output_is_prob: the network outputs probabilities; return their log so a
             cross-entropy on the output is still the right loss.
-        per_sample: call the net one sample at a time (models with a static batch of 1
-            that cannot be vmapped).
-        vmap_single: call the net through torch.func.vmap over batch-1 slices (static batch).
+        static_batch_one: the model's batch dimension is fixed at 1: larger batches go
+            through torch.func.vmap over batch-1 slices, or a per-sample loop when the
+            converted ops do not support vmap.
     """
 
     def __init__(
@@ -286,6 +286,3 @@ class PixelModel(nn.Module):
             out = torch.log(out.clamp_min(1e-12))
         return out
 
-
-def as_seq(v: Sequence[float] | None) -> list[float] | None:
-    return None if v is None else [float(a) for a in v]

@@ -5,6 +5,7 @@ Nothing here decides exit codes or touches stdout by itself: the CLI passes cons
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -20,16 +21,6 @@ SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 RULE_ID = "NCSCAN001"
 
 
-def to_json(report: ScanReport) -> str:
-    return json.dumps(report.to_dict(), indent=2, allow_nan=False, default=_nan_default) + "\n"
-
-
-def _nan_default(o: Any) -> Any:
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    raise TypeError(type(o))
 
 
 def _clean_nans(obj: Any) -> Any:
@@ -154,8 +145,6 @@ def trigger_images(r: LabelResult) -> dict[str, np.ndarray]:
 
 
 def png_bytes(a: np.ndarray) -> bytes:
-    import io
-
     from PIL import Image
 
     if a.ndim == 3 and a.shape[2] == 1:
@@ -167,25 +156,16 @@ def png_bytes(a: np.ndarray) -> bytes:
 
 def write_triggers(report: ScanReport, out_dir: str | os.PathLike[str], scale: int = 8) -> list[Path]:
     """Write label_<k>_{mask,pattern,trigger}.png (upscaled) and label_<k>.npz for every label."""
-    from PIL import Image
-
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     written = []
     for r in report.labels:
         for kind, img in trigger_images(r).items():
-            im = Image.fromarray(img[:, :, 0] if img.ndim == 3 and img.shape[2] == 1 else img)
             if scale > 1:
-                im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-            import io
-
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
+                img = np.repeat(np.repeat(img, scale, 0), scale, 1)  # nearest-neighbour upscale
             p = d / f"label_{r.label}_{kind}.png"
-            atomic_write_bytes(p, buf.getvalue())
+            atomic_write_bytes(p, png_bytes(img))
             written.append(p)
-        import io
-
         buf = io.BytesIO()
         np.savez_compressed(buf, mask=r.trigger.mask, pattern=r.trigger.pattern)
         p = d / f"label_{r.label}.npz"
