@@ -132,6 +132,19 @@ def choose_chunk(model: torch.nn.Module, x1: torch.Tensor, n_labels: int, cfg: R
     return max(1, min(n_labels, fit))
 
 
+def plan_chunks(model: torch.nn.Module, x: torch.Tensor, labels: list[int], cfg: ReverseConfig) -> list[list[int]]:
+    """Split `labels` into the chunks that are optimised together (sized to the memory
+    budget). A chunk is the unit of work: local scans run them one after another,
+    distributed scans (`ncscan.distributed`) send each to a worker."""
+    chunk = choose_chunk(model, x[:1].cpu(), len(labels), cfg)
+    return [labels[i : i + chunk] for i in range(0, len(labels), chunk)]
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """The generator seed of chunk `index`: chunk 0 uses the scan seed itself."""
+    return seed if index == 0 else seed * 1_000_003 + index
+
+
 def reverse_engineer(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -160,6 +173,40 @@ def reverse_engineer(
     Returns:
         (one trace per label in order, stats dict with "passes" and "chunk").
     """
+    chunks = plan_chunks(model, x, labels, cfg)
+    traces: dict[int, LabelTrace] = {}
+    passes = 0
+    for ci, lab in enumerate(chunks):
+        tr, p = reverse_chunk(
+            model, x, y, lab, cfg, seed=chunk_seed(seed, ci), device=device, progress=progress,
+            should_stop=should_stop, done_before=sum(len(c) for c in chunks[:ci]), passes_before=passes,
+            total=len(labels),
+        )
+        passes += p
+        traces.update({t.label: t for t in tr})
+    return [traces[t] for t in labels], {"passes": passes, "chunk": len(chunks[0]) if chunks else 0}
+
+
+def reverse_chunk(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    lab: list[int],
+    cfg: ReverseConfig,
+    *,
+    seed: int,
+    device: torch.device | str = "cpu",
+    progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    done_before: int = 0,
+    passes_before: int = 0,
+    total: int | None = None,
+) -> tuple[list[LabelTrace], int]:
+    """Optimise the labels of one chunk together. Deterministic given (seed, lab) on CPU.
+
+    Returns:
+        (one trace per label of `lab`, image passes spent)
+    """
     dev = torch.device(device)
     model = model.to(dev)
     # channels_last makes oneDNN/cuDNN convolutions markedly faster (1.5x measured on CPU
@@ -168,137 +215,133 @@ def reverse_engineer(
     model = model.to(memory_format=fmt)
     x = x.to(dev)
     n, c, h, w = x.shape
+    total = len(lab) if total is None else total
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    chunk = choose_chunk(model, x[:1], len(labels), cfg)
-    traces: dict[int, LabelTrace] = {}
     passes = 0
     y_np = y.cpu().numpy() if y is not None else None
     all_idx = np.arange(n)
     pools: dict[int, torch.Tensor] = {}
     verify: dict[int, torch.Tensor] = {}
-    vgen = np.random.default_rng(seed + 7)
-    for t in labels:
+    for t in lab:
         pool = all_idx if y_np is None else all_idx[y_np != t]
         if len(pool) == 0:
             pool = all_idx
         pools[t] = torch.from_numpy(pool)
-        verify[t] = torch.from_numpy(vgen.permutation(pool)[: cfg.verify_images])
-    done_count = 0
+        # Each label's verification images depend on (seed, label) only.
+        verify[t] = torch.from_numpy(np.random.default_rng([seed, 7, t]).permutation(pool)[: cfg.verify_images])
     b1, b2 = cfg.betas
-    for start in range(0, len(labels), chunk):
-        lab = labels[start : start + chunk]
-        L = len(lab)
-        init_m = torch.rand((L, 1, h, w), generator=gen)
-        init_p = torch.rand((L, c, h, w), generator=gen)
-        mraw = to_raw(init_m).to(dev).requires_grad_(True)
-        praw = to_raw(init_p).to(dev).requires_grad_(True)
-        adam = {
-            "mm": torch.zeros_like(mraw), "mv": torch.zeros_like(mraw),
-            "pm": torch.zeros_like(praw), "pv": torch.zeros_like(praw),
-        }
-        tcount = torch.zeros(L, device=dev)
-        targets = torch.tensor(lab, device=dev)
-        state = sched.ScheduleState.init(L)
-        best_m = init_m.numpy()[:, 0].copy()
-        best_p = init_p.numpy().copy()
-        while True:
-            active = ~state.done & (state.steps < cfg.max_steps)
-            if not active.any():
-                break
-            act_idx = np.flatnonzero(active)
-            ai = torch.from_numpy(act_idx).to(dev)
-            A = len(act_idx)
-            acc_sum = torch.zeros(A, device=dev)
-            cost = torch.from_numpy(state.cost[act_idx]).float().to(dev)
-            for _ in range(cfg.mini_batches):
-                if should_stop is not None and should_stop():
-                    raise KeyboardInterrupt
-                bidx = torch.stack(
-                    [pools[lab[i]][torch.randint(len(pools[lab[i]]), (cfg.batch_size,), generator=gen)] for i in act_idx]
-                ).to(dev)
-                xb = x[bidx]  # [A, B, C, H, W]
-                m = from_raw(mraw[ai])  # [A,1,H,W]
-                p = from_raw(praw[ai])  # [A,C,H,W]
-                xs = xb * (1 - m[:, None]) + m[:, None] * p[:, None]
-                out = model(xs.reshape(A * cfg.batch_size, c, h, w).contiguous(memory_format=fmt))
-                tgt = targets[ai].repeat_interleave(cfg.batch_size)
-                ce = F.cross_entropy(out, tgt, reduction="none").view(A, cfg.batch_size).mean(1)
-                reg = m.abs().sum(dim=(1, 2, 3))
-                loss = (ce + cost * reg).sum()
-                gm, gp = torch.autograd.grad(loss, (mraw, praw))
-                passes += A * cfg.batch_size
-                with torch.no_grad():
-                    acc_sum += (out.argmax(1) == tgt).float().view(A, cfg.batch_size).mean(1)
-                    tcount[ai] += 1
-                    tt = tcount[ai]
-                    bc1 = (1 - b1**tt)
-                    bc2 = (1 - b2**tt)
-                    for raw, g, km, kv, shp in ((mraw, gm, "mm", "mv", (A, 1, 1, 1)), (praw, gp, "pm", "pv", (A, 1, 1, 1))):
-                        ga = g[ai]
-                        mm = adam[km][ai].mul_(b1).add_(ga, alpha=1 - b1)
-                        vv = adam[kv][ai].mul_(b2).addcmul_(ga, ga, value=1 - b2)
-                        adam[km][ai] = mm
-                        adam[kv][ai] = vv
-                        upd = (mm / bc1.view(shp)) / ((vv / bc2.view(shp)).sqrt() + 1e-8)
-                        raw[ai] = raw[ai] - cfg.lr * upd
+    traces: list[LabelTrace] = []
+    L = len(lab)
+    init_m = torch.rand((L, 1, h, w), generator=gen)
+    init_p = torch.rand((L, c, h, w), generator=gen)
+    mraw = to_raw(init_m).to(dev).requires_grad_(True)
+    praw = to_raw(init_p).to(dev).requires_grad_(True)
+    adam = {
+        "mm": torch.zeros_like(mraw), "mv": torch.zeros_like(mraw),
+        "pm": torch.zeros_like(praw), "pv": torch.zeros_like(praw),
+    }
+    tcount = torch.zeros(L, device=dev)
+    targets = torch.tensor(lab, device=dev)
+    state = sched.ScheduleState.init(L)
+    best_m = init_m.numpy()[:, 0].copy()
+    best_p = init_p.numpy().copy()
+    while True:
+        active = ~state.done & (state.steps < cfg.max_steps)
+        if not active.any():
+            break
+        act_idx = np.flatnonzero(active)
+        ai = torch.from_numpy(act_idx).to(dev)
+        A = len(act_idx)
+        acc_sum = torch.zeros(A, device=dev)
+        cost = torch.from_numpy(state.cost[act_idx]).float().to(dev)
+        for _ in range(cfg.mini_batches):
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt
+            bidx = torch.stack(
+                [pools[lab[i]][torch.randint(len(pools[lab[i]]), (cfg.batch_size,), generator=gen)] for i in act_idx]
+            ).to(dev)
+            xb = x[bidx]  # [A, B, C, H, W]
+            m = from_raw(mraw[ai])  # [A,1,H,W]
+            p = from_raw(praw[ai])  # [A,C,H,W]
+            xs = xb * (1 - m[:, None]) + m[:, None] * p[:, None]
+            out = model(xs.reshape(A * cfg.batch_size, c, h, w).contiguous(memory_format=fmt))
+            tgt = targets[ai].repeat_interleave(cfg.batch_size)
+            ce = F.cross_entropy(out, tgt, reduction="none").view(A, cfg.batch_size).mean(1)
+            reg = m.abs().sum(dim=(1, 2, 3))
+            loss = (ce + cost * reg).sum()
+            gm, gp = torch.autograd.grad(loss, (mraw, praw))
+            passes += A * cfg.batch_size
             with torch.no_grad():
-                cur_m = from_raw(mraw[ai])
-                l1 = cur_m.sum(dim=(1, 2, 3)).double().cpu().numpy()
-                acc = (acc_sum / cfg.mini_batches).double().cpu().numpy()
-            full_acc = np.zeros(L)
-            full_l1 = np.full(L, np.inf)
-            full_acc[act_idx] = acc
-            full_l1[act_idx] = l1
-            verified = None
-            if cfg.verify_images > 0:
-                verified = np.ones(L, dtype=bool)
-                cand = active & (full_acc >= cfg.schedule.attack_succ_threshold) & (full_l1 < state.best_l1)
-                for i in np.flatnonzero(cand):
-                    with torch.no_grad():
-                        vi = verify[lab[i]].to(dev)
-                        mi = from_raw(mraw[i : i + 1])
-                        pi = from_raw(praw[i : i + 1])
-                        xv = (x[vi] * (1 - mi) + mi * pi).contiguous(memory_format=fmt)
-                        va = float((model(xv).argmax(1) == lab[i]).float().mean())
-                    passes += len(vi) // 3  # a forward pass costs about a third of fwd+bwd
-                    verified[i] = va >= cfg.schedule.attack_succ_threshold
-            state, improved = sched.step(state, full_acc, full_l1, cfg.schedule, active=active, verified=verified)
-            if improved.any():
-                with torch.no_grad():
-                    imp = np.flatnonzero(improved)
-                    ti = torch.from_numpy(imp).to(dev)
-                    best_m[imp] = from_raw(mraw[ti])[:, 0].cpu().numpy()
-                    best_p[imp] = from_raw(praw[ti]).cpu().numpy()
-            newly = int((state.done | (state.steps >= cfg.max_steps)).sum())
-            if progress is not None:
-                progress(
-                    Progress(
-                        labels_done=done_count + newly,
-                        labels_total=len(labels),
-                        step=int(state.steps.max()),
-                        active=int((~state.done & (state.steps < cfg.max_steps)).sum()),
-                        passes=passes,
-                    )
-                )
+                acc_sum += (out.argmax(1) == tgt).float().view(A, cfg.batch_size).mean(1)
+                tcount[ai] += 1
+                tt = tcount[ai]
+                bc1 = (1 - b1**tt)
+                bc2 = (1 - b2**tt)
+                for raw, g, km, kv, shp in ((mraw, gm, "mm", "mv", (A, 1, 1, 1)), (praw, gp, "pm", "pv", (A, 1, 1, 1))):
+                    ga = g[ai]
+                    mm = adam[km][ai].mul_(b1).add_(ga, alpha=1 - b1)
+                    vv = adam[kv][ai].mul_(b2).addcmul_(ga, ga, value=1 - b2)
+                    adam[km][ai] = mm
+                    adam[kv][ai] = vv
+                    upd = (mm / bc1.view(shp)) / ((vv / bc2.view(shp)).sqrt() + 1e-8)
+                    raw[ai] = raw[ai] - cfg.lr * upd
         with torch.no_grad():
-            last_m = from_raw(mraw)[:, 0].cpu().numpy()
-            last_p = from_raw(praw).cpu().numpy()
-        for i, t in enumerate(lab):
-            found = bool(np.isfinite(state.best_l1[i]))
-            trig = Trigger(
-                mask=(best_m[i] if found else last_m[i]).astype(np.float32),
-                pattern=(best_p[i] if found else last_p[i]).astype(np.float32),
+            cur_m = from_raw(mraw[ai])
+            l1 = cur_m.sum(dim=(1, 2, 3)).double().cpu().numpy()
+            acc = (acc_sum / cfg.mini_batches).double().cpu().numpy()
+        full_acc = np.zeros(L)
+        full_l1 = np.full(L, np.inf)
+        full_acc[act_idx] = acc
+        full_l1[act_idx] = l1
+        verified = None
+        if cfg.verify_images > 0:
+            verified = np.ones(L, dtype=bool)
+            cand = active & (full_acc >= cfg.schedule.attack_succ_threshold) & (full_l1 < state.best_l1)
+            for i in np.flatnonzero(cand):
+                with torch.no_grad():
+                    vi = verify[lab[i]].to(dev)
+                    mi = from_raw(mraw[i : i + 1])
+                    pi = from_raw(praw[i : i + 1])
+                    xv = (x[vi] * (1 - mi) + mi * pi).contiguous(memory_format=fmt)
+                    va = float((model(xv).argmax(1) == lab[i]).float().mean())
+                passes += len(vi) // 3  # a forward pass costs about a third of fwd+bwd
+                verified[i] = va >= cfg.schedule.attack_succ_threshold
+        state, improved = sched.step(state, full_acc, full_l1, cfg.schedule, active=active, verified=verified)
+        if improved.any():
+            with torch.no_grad():
+                imp = np.flatnonzero(improved)
+                ti = torch.from_numpy(imp).to(dev)
+                best_m[imp] = from_raw(mraw[ti])[:, 0].cpu().numpy()
+                best_p[imp] = from_raw(praw[ti]).cpu().numpy()
+        newly = int((state.done | (state.steps >= cfg.max_steps)).sum())
+        if progress is not None:
+            progress(
+                Progress(
+                    labels_done=done_before + newly,
+                    labels_total=total,
+                    step=int(state.steps.max()),
+                    active=int((~state.done & (state.steps < cfg.max_steps)).sum()),
+                    passes=passes_before + passes,
+                )
             )
-            traces[t] = LabelTrace(
-                label=t,
-                trigger=trig,
-                found=found,
-                steps=int(state.steps[i]),
-                early_stopped=bool(state.done[i]),
-                final_cost=float(state.cost[i]),
-            )
-        done_count += L
-    return [traces[t] for t in labels], {"passes": passes, "chunk": chunk}
+    with torch.no_grad():
+        last_m = from_raw(mraw)[:, 0].cpu().numpy()
+        last_p = from_raw(praw).cpu().numpy()
+    for i, t in enumerate(lab):
+        found = bool(np.isfinite(state.best_l1[i]))
+        trig = Trigger(
+            mask=(best_m[i] if found else last_m[i]).astype(np.float32),
+            pattern=(best_p[i] if found else last_p[i]).astype(np.float32),
+        )
+        traces.append(LabelTrace(
+            label=t,
+            trigger=trig,
+            found=found,
+            steps=int(state.steps[i]),
+            early_stopped=bool(state.done[i]),
+            final_cost=float(state.cost[i]),
+        ))
+    return traces, passes
 
 
 @torch.no_grad()
