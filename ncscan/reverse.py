@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -140,6 +140,21 @@ def plan_chunks(model: torch.nn.Module, x: torch.Tensor, labels: list[int], cfg:
     return [labels[i : i + chunk] for i in range(0, len(labels), chunk)]
 
 
+class ChunkRunner(Protocol):
+    """Runs planned label chunks elsewhere (e.g. as Ray tasks) and returns, per chunk and in
+    order, what `reverse_chunk` returns for it: (traces, image passes)."""
+
+    def __call__(
+        self,
+        chunks: list[list[int]],
+        seeds: list[int],
+        cfg: ReverseConfig,
+        *,
+        progress: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[tuple[list[LabelTrace], int]]: ...
+
+
 def chunk_seed(seed: int, index: int) -> int:
     """The generator seed of chunk `index`: chunk 0 uses the scan seed itself."""
     return seed if index == 0 else seed * 1_000_003 + index
@@ -156,6 +171,7 @@ def reverse_engineer(
     device: torch.device | str = "cpu",
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    runner: ChunkRunner | None = None,
 ) -> tuple[list[LabelTrace], dict[str, Any]]:
     """Optimise a trigger for every label in `labels`.
 
@@ -169,6 +185,9 @@ def reverse_engineer(
         device: where to run.
         progress: called after every step.
         should_stop: polled between mini-batches; when it returns True, raises KeyboardInterrupt.
+        runner: runs the planned chunks somewhere else (`ncscan.distributed`): it gets the
+            chunks, their seeds (`chunk_seed(seed, i)`) and `cfg`, and returns what
+            `reverse_chunk` returns for each chunk, in order. None: one after another, here.
 
     Returns:
         (one trace per label in order, stats dict with "passes" and "chunk").
@@ -176,6 +195,12 @@ def reverse_engineer(
     chunks = plan_chunks(model, x, labels, cfg)
     traces: dict[int, LabelTrace] = {}
     passes = 0
+    if runner is not None:
+        seeds = [chunk_seed(seed, ci) for ci in range(len(chunks))]
+        for tr, p in runner(chunks, seeds, cfg, progress=progress, should_stop=should_stop):
+            passes += p
+            traces.update({t.label: t for t in tr})
+        return [traces[t] for t in labels], {"passes": passes, "chunk": len(chunks[0]) if chunks else 0}
     for ci, lab in enumerate(chunks):
         tr, p = reverse_chunk(
             model, x, y, lab, cfg, seed=chunk_seed(seed, ci), device=device, progress=progress,

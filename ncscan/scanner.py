@@ -17,7 +17,7 @@ from .data import Dataset, load_data
 from .errors import ConfigError, DataError, DeviceError, ModelError
 from .model import OnnxModel, Parity, check_parity, convert, load_onnx, ort_run, ort_session
 from .preprocess import PixelModel, Preprocess, resolve_preprocess
-from .reverse import LabelTrace, Progress, ReverseConfig, attack_success, predict, preset, reverse_engineer
+from .reverse import ChunkRunner, LabelTrace, Progress, ReverseConfig, attack_success, predict, preset, reverse_engineer
 from .stats import anomaly_indices
 from .trigger import Trigger
 
@@ -316,6 +316,7 @@ def scan(
     prescreen: str = "auto",
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    runner: Callable[[Prepared], ChunkRunner] | None = None,
 ) -> ScanReport:
     """Scan an ONNX image classifier for backdoors with Neural Cleanse.
 
@@ -336,6 +337,9 @@ def scan(
             an unbiased random sample that sets the median and MAD (K-Arm-style scheduling).
         progress: called after each optimisation step.
         should_stop: polled; when True the scan raises KeyboardInterrupt.
+        runner: given the prepared model, returns a `ChunkRunner` that optimises the label
+            chunks elsewhere (`ncscan.distributed.RayBackend.runner`); the statistics are
+            still computed here once every chunk is back. None: optimise locally.
 
     Returns:
         The ScanReport.
@@ -364,12 +368,15 @@ def scan(
     use_screen = prescreen == "on" or (prescreen == "auto" and len(todo) > PRESCREEN_AUTO_MIN)
     reference: set[int] | None = None
     screened: set[int] = set()
+    chunk_runner = runner(prep) if runner is not None else None
     if use_screen and len(todo) > PRESCREEN_SAMPLE + PRESCREEN_KEEP_MIN:
-        traces, passes, reference, screened = _prescreened(prep, todo, cfg, seed, progress, should_stop)
+        traces, passes, reference, screened = _prescreened(
+            prep, todo, cfg, seed, progress, should_stop, runner=chunk_runner
+        )
     else:
         traces, info = reverse_engineer(
             prep.pixel_model, prep.x, prep.y, todo, cfg, seed=seed, device=prep.device,
-            progress=progress, should_stop=should_stop,
+            progress=progress, should_stop=should_stop, runner=chunk_runner,
         )
         passes = int(info["passes"])
     t_rev = time.perf_counter() - t1
@@ -378,6 +385,8 @@ def scan(
         prep, traces, asr, threshold=threshold, seed=seed, cfg=cfg, reference=reference, screened=screened
     )
     report.passes = passes
+    if chunk_runner is not None:
+        report.device = str(getattr(chunk_runner, "device_name", report.device))
     report.timings = {"prepare": t_prep, "reverse": t_rev, "total": time.perf_counter() - t0}
     report.elapsed_seconds = time.perf_counter() - t0
     return report
@@ -397,6 +406,8 @@ def _prescreened(
     seed: int,
     progress: Callable[[Progress], None] | None,
     should_stop: Callable[[], bool] | None,
+    *,
+    runner: ChunkRunner | None = None,
 ) -> tuple[list[LabelTrace], int, set[int], set[int]]:
     """Two-stage scheduling for many labels (in the spirit of K-Arm, ICML 2021).
 
@@ -413,7 +424,7 @@ def _prescreened(
     screen_cfg = replace(cfg, max_steps=PRESCREEN_STEPS, batch_size=max(8, cfg.batch_size // 2))
     s_traces, s_info = reverse_engineer(
         prep.pixel_model, prep.x, prep.y, todo, screen_cfg, seed=seed, device=prep.device,
-        progress=progress, should_stop=should_stop,
+        progress=progress, should_stop=should_stop, runner=runner,
     )
     prov = {tr.label: (tr.trigger.l1 if tr.found else float("inf")) for tr in s_traces}
     order = sorted(todo, key=lambda t: (prov[t], t))
@@ -424,7 +435,7 @@ def _prescreened(
     refine = sorted(suspects | sample)
     f_traces, f_info = reverse_engineer(
         prep.pixel_model, prep.x, prep.y, refine, cfg, seed=seed + 1, device=prep.device,
-        progress=progress, should_stop=should_stop,
+        progress=progress, should_stop=should_stop, runner=runner,
     )
     final = {tr.label: tr for tr in s_traces}
     for tr in f_traces:
