@@ -31,7 +31,7 @@ EXIT_INTERNAL = 3
 EXIT_INCONCLUSIVE = 4
 EXIT_INTERRUPTED = 130
 
-COMMANDS = ("scan", "patch", "export", "version")
+COMMANDS = ("scan", "scan-many", "patch", "export", "version")
 
 app = typer.Typer(
     name="ncscan",
@@ -194,6 +194,7 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (results are d
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to optimise: auto (CUDA when present), cpu or cuda.", case_sensitive=False)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table (machine formats still print).")]
+RayOpt = Annotated[Optional[str], typer.Option("--ray", help="Run the label chunks as Ray tasks on a cluster: auto (the one `ray start` runs here), local (start one for this run), HOST:PORT or ray://HOST:PORT. Needs ncscan[ray].", show_default=False)]
 
 
 @app.command("scan")
@@ -220,6 +221,7 @@ def scan_cmd(
     prescreen: Annotated[Optional[Prescreen], typer.Option("--prescreen", help="Many-label scheduling: auto (on above 64 labels), on or off.", case_sensitive=False)] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="JSON or TOML file of optimiser/schedule settings (lr, betas, batch_size, mini_batches, max_steps, init_cost, patience, ...).")] = None,
     exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even when a backdoor is found or the scan is inconclusive.")] = False,
+    ray: RayOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> int:
@@ -243,6 +245,11 @@ def scan_cmd(
     cfg = _reverse_config(
         schedule, _load_config(config), max_steps=max_steps, batch_size=batch_size, label_chunk=label_chunk
     )
+    backend = None
+    if ray is not None:
+        from .distributed import connect
+
+        backend = connect(ray)  # before any work: a bad address fails in seconds
     bar = _progress_bar(err, not quiet)
     task = None
     if bar is not None:
@@ -265,10 +272,13 @@ def scan_cmd(
             max_images=max_images,
             prescreen=(prescreen.value if prescreen is not None else "auto"),
             progress=on_progress,
+            runner=backend.runner if backend is not None else None,
         )
     finally:
         if bar is not None:
             bar.stop()
+        if backend is not None:
+            backend.close()
     if triggers is not None:
         write_triggers(report, triggers)
     if fmt == Format.table:
@@ -353,6 +363,10 @@ def version_cmd() -> int:
 from .cli_patch import patch_cmd  # noqa: E402  (uses the option aliases above)
 
 app.command("patch")(patch_cmd)
+
+from .cli_many import scan_many_cmd  # noqa: E402
+
+app.command("scan-many")(scan_many_cmd)
 
 
 def _route(argv: list[str]) -> list[str]:

@@ -49,6 +49,11 @@ class DeviceError(NcscanError):
     """The requested device is unknown or not available."""
 
 
+class ClusterError(NcscanError):
+    """A distributed run (--ray) failed outside ncscan's code: the cluster is unreachable,
+    or a task's worker died more often than Ray retries it."""
+
+
 class Interrupted(NcscanError):
     """The run was interrupted (Ctrl-C / SIGTERM); nothing partial was written."""
 
