@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,27 @@ def _probe(address: str, timeout: float) -> None:
             f"cannot reach the Ray cluster at {address} ({why}); start it with `ray start --head` "
             "or check --ray"
         ) from e
+
+
+@contextmanager
+def _native_stderr_muted() -> Iterator[None]:
+    """Silence file descriptor 2 for the duration: Ray's C++ client logs every failed
+    connection attempt there (one line a second), which would bury the one-line error."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 @dataclass
@@ -168,7 +191,8 @@ def connect(address: str, *, timeout: float = CONNECT_TIMEOUT_S) -> RayBackend:
             _probe(addr, timeout)
             target = addr
         try:
-            ray.init(address=target, **kwargs)
+            with _native_stderr_muted():
+                ray.init(address=target, **kwargs)
         except NcscanError:
             raise
         except Exception as e:  # ConnectionError, RuntimeError, ValueError from ray.init
