@@ -155,7 +155,7 @@ class RayBackend:
     def __enter__(self) -> RayBackend:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -11,7 +11,14 @@ import pytest
 
 from ncscan.cli import run
 from ncscan.errors import ConfigError
-from ncscan.many import ModelJob, combined_dict, combined_sarif, expand_patterns, read_models_file, scan_many
+from ncscan.many import (
+    ModelJob,
+    combined_dict,
+    combined_sarif,
+    expand_patterns,
+    read_models_file,
+    scan_many,
+)
 from ncscan.reverse import preset
 
 from .conftest import ROOT, entry, sarif_schema_path

@@ -27,7 +27,7 @@ from ncscan.distributed import FAULT_ENV, RayBackend, connect  # noqa: E402
 from ncscan.reverse import preset  # noqa: E402
 from ncscan.scanner import ScanReport, scan  # noqa: E402
 
-from .conftest import ROOT, entry, fixture_entries, preprocess_kwargs  # noqa: E402
+from .conftest import entry, fixture_entries, preprocess_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
