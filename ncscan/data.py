@@ -23,6 +23,10 @@ MIN_IMAGES = 10
 MAX_PIXELS = 64_000_000  # refuse decompression bombs
 
 
+class _TooLarge(Exception):
+    """An image over MAX_PIXELS (or PIL's own decompression-bomb limit); skipped unread."""
+
+
 @dataclass
 class Dataset:
     """Images (uint8, N x H x W x C) with optional labels."""
@@ -53,14 +57,29 @@ def _list_images(d: Path) -> list[Path]:
 
 
 def _read_image(path: Path, channels: int) -> np.ndarray:
-    """Decode one image to uint8 HxWxC with the wanted channel count."""
+    """Decode one image to uint8 HxWxC with the wanted channel count.
+
+    Raises:
+        _TooLarge: the image has more than MAX_PIXELS pixels (checked from the header,
+            before any pixel is decoded), or trips PIL's decompression-bomb guard.
+    """
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     with _pywarnings.catch_warnings():
+        # PIL warns above its limit and raises above twice it; both mean "skip", and
+        # MAX_PIXELS (lower) is checked from the header without touching PIL's global.
         _pywarnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            im.load()
+        try:
+            im_cm = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _TooLarge(str(e)) from e
+        with im_cm as im:
+            if im.size[0] * im.size[1] > MAX_PIXELS:
+                raise _TooLarge(f"{im.size[0]}x{im.size[1]}")
+            try:
+                im.load()
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise _TooLarge(str(e)) from e
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float64)
                 top = 65535.0 if arr.max() > 255 else 255.0
@@ -179,7 +198,7 @@ def load_data(
             )
         ds = _load_npz(p, channels)
     else:
-        ds = _load_folder(p, channels, labels_file)
+        ds = _load_folder(p, channels, labels_file, size)
     ds = _fit_size(ds, size)
     if num_classes is not None and ds.y is not None:
         bad = ds.y[(ds.y < 0) | (ds.y >= num_classes)]
@@ -253,7 +272,9 @@ def _load_npz(p: Path, channels: int) -> Dataset:
     return Dataset(x=np.ascontiguousarray(x), y=y, source=str(p))
 
 
-def _load_folder(p: Path, channels: int, labels_file: Any) -> Dataset:
+def _load_folder(
+    p: Path, channels: int, labels_file: Any, size: tuple[int | None, int | None] = (None, None)
+) -> Dataset:
     try:
         entries = sorted(p.iterdir())
     except OSError as e:
@@ -290,12 +311,24 @@ def _load_folder(p: Path, channels: int, labels_file: Any) -> Dataset:
     imgs: list[np.ndarray] = []
     labels: list[int] = []
     bad: list[str] = []
+    huge: list[str] = []
+    # With a fixed model size, shrink each image as it is read, so a folder of camera-size
+    # photos never sits in memory at full resolution.
+    th, tw = size
+    n_resized = 0
     for f, lab in items:
         try:
-            imgs.append(_read_image(f, channels))
-        except Exception:  # corrupt, truncated, bomb, unsupported: skip with a count
+            a = _read_image(f, channels)
+        except _TooLarge:
+            huge.append(f.name)
+            continue
+        except Exception:  # noqa: BLE001  # corrupt, truncated, unsupported: skip with a count
             bad.append(f.name)
             continue
+        if th is not None and tw is not None and a.shape[:2] != (th, tw):
+            a = _resize(a, th, tw)
+            n_resized += 1
+        imgs.append(a)
         if lab is not None:
             labels.append(lab)
     warns: list[str] = []
@@ -303,7 +336,18 @@ def _load_folder(p: Path, channels: int, labels_file: Any) -> Dataset:
         warns.append(
             f"skipped {len(bad)} unreadable image(s) in {p} (e.g. {', '.join(bad[:3])})"
         )
+    if huge:
+        warns.append(
+            f"skipped {len(huge)} image(s) over {MAX_PIXELS // 1_000_000} megapixels in {p} "
+            f"(e.g. {', '.join(huge[:3])}): too large to decode safely; downscale them"
+        )
     if not imgs:
+        if huge and not bad:
+            raise DataError(
+                f"all {len(items)} images in {p} are over {MAX_PIXELS // 1_000_000} megapixels "
+                "(refused as possible decompression bombs); downscale them, e.g. to the model's "
+                "input size"
+            )
         raise DataError(f"none of the {len(items)} images in {p} could be decoded; check the files")
     shapes = {a.shape[:2] for a in imgs}
     ds = Dataset(
@@ -312,9 +356,10 @@ def _load_folder(p: Path, channels: int, labels_file: Any) -> Dataset:
         source=str(p),
         class_names=class_names,
         warnings=warns,
-        skipped=len(bad),
+        skipped=len(bad) + len(huge),
     )
     ds._raw = imgs  # type: ignore[attr-defined]  # resized in _fit_size
+    ds._resized = n_resized  # type: ignore[attr-defined]
     ds._mixed = len(shapes) > 1  # type: ignore[attr-defined]
     return ds
 
@@ -332,7 +377,7 @@ def _fit_size(ds: Dataset, size: tuple[int | None, int | None]) -> Dataset:
     h0, w0 = raw[0].shape[:2]
     h = size[0] or h0
     w = size[1] or w0
-    n_resized = 0
+    n_resized: int = getattr(ds, "_resized", 0)
     out = []
     for a in raw:
         if a.shape[:2] != (h, w):
@@ -343,4 +388,6 @@ def _fit_size(ds: Dataset, size: tuple[int | None, int | None]) -> Dataset:
         ds.warnings.append(f"resized {n_resized} image(s) to the model's {h}x{w} input")
     ds.x = np.ascontiguousarray(np.stack(out, 0))
     del ds._raw  # type: ignore[attr-defined]
+    if hasattr(ds, "_resized"):
+        del ds._resized  # type: ignore[attr-defined]
     return ds

@@ -8,9 +8,13 @@ against onnxruntime on the user's own images.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+import warnings as _pywarnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,9 @@ from .errors import ConversionMismatchError, ModelError, UnsupportedOpsError
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 _CHANNEL_SIZES = (1, 3, 4)
 MAX_ORT_IR = 13
+# protobuf cannot serialize a message of 2 GiB or more; models whose weights would make the
+# in-memory proto that big keep their external data on disk (see `OnnxModel.weights_on_disk`).
+PROTO_LIMIT = 2**31 - 2**20
 
 
 def sha256_file(path: Path) -> str:
@@ -64,6 +71,11 @@ class OnnxModel:
     ends_in_softmax: bool
     layout_source: str = "detected"
     warnings: list[str] = field(default_factory=list)
+    # True when the proto holds only the graph and its external-data tensors stay in their
+    # files beside the model (models over 2 GB: a proto that size cannot be serialized).
+    weights_on_disk: bool = False
+    # what onnx2torch warned about while converting (e.g. a Resize mode it maps inexactly)
+    conversion_notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -121,7 +133,9 @@ def load_onnx(path: str | os.PathLike[str], layout: str | None = None) -> OnnxMo
     """Read and check an ONNX classifier.
 
     Args:
-        path: the .onnx file; external-data files are resolved next to it.
+        path: the .onnx file; external-data files are resolved next to it. When they
+            would make the in-memory proto 2 GB or more, they are checked but not read
+            (`weights_on_disk`); conversion and onnxruntime read them from the files.
         layout: force "NCHW" or "NHWC" (None: decide from the channel axis / metadata).
 
     Returns:
@@ -149,18 +163,33 @@ def load_onnx(path: str | os.PathLike[str], layout: str | None = None) -> OnnxMo
         raise ModelError(f"{p} is not a valid ONNX model (no graph); pass an exported .onnx file")
     has_ext = False
     missing: list[str] = []
+    short: list[str] = []
+    ext_bytes = 0
     for t in _all_tensors(proto):
         if t.data_location == TensorProto.EXTERNAL:
             has_ext = True
-            loc = next((kv.value for kv in t.external_data if kv.key == "location"), None)
+            info = {kv.key: kv.value for kv in t.external_data}
+            loc = info.get("location")
             if loc is None or not (p.parent / loc).is_file():
                 missing.append(str(loc))
+                continue
+            need = _external_nbytes(t, info)
+            ext_bytes += need
+            off = info.get("offset", "0")
+            if not off.isdigit() or int(off) + need > (p.parent / loc).stat().st_size:
+                short.append(loc)
     if missing:
         raise ModelError(
             f"model {p.name} keeps weights in external file(s) {', '.join(sorted(set(missing)))} "
             f"that are not next to it in {p.parent}; copy them beside the model"
         )
-    if has_ext:
+    if short:
+        raise ModelError(
+            f"external data file(s) {', '.join(sorted(set(short)))} of {p.name} are shorter than "
+            "the weights they should hold (truncated copy?); copy them again from the source"
+        )
+    on_disk = has_ext and ext_bytes + size >= PROTO_LIMIT
+    if has_ext and not on_disk:
         try:
             onnx.load_external_data_for_model(proto, str(p.parent))
         except Exception as e:
@@ -237,7 +266,52 @@ def load_onnx(path: str | os.PathLike[str], layout: str | None = None) -> OnnxMo
         ends_in_softmax=ends_in_softmax,
         layout_source=layout_source,
         warnings=warnings,
+        weights_on_disk=on_disk,
     )
+
+
+def _external_nbytes(t: TensorProto, info: dict[str, str]) -> int:
+    """Bytes an external tensor takes in its file (its `length`, else dims x item size)."""
+    if info.get("length", "").isdigit():
+        return int(info["length"])
+    try:
+        item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):  # unknown/undefined type: onnx.checker reports it
+        return 0
+    return int(np.prod([int(d) for d in t.dims], dtype=np.int64)) * item
+
+
+@contextlib.contextmanager
+def _staged(model: OnnxModel, ir_version: int | None = None) -> Iterator[Path]:
+    """A private temp copy of a weights-on-disk model: the graph file (IR clamped if asked)
+    plus copies of its external-data files (onnx refuses symlinked and hard-linked data
+    files, and data outside the model's folder). Needs that much free space in the temp
+    directory; the user's files are only read."""
+    with tempfile.TemporaryDirectory(prefix="ncscan-model-") as td:
+        hdr = onnx.ModelProto()
+        hdr.CopyFrom(model.proto)  # small: the tensors' data stayed in their files
+        if ir_version is not None:
+            hdr.ir_version = ir_version
+        dst = Path(td) / "model.onnx"
+        onnx.save_model(hdr, str(dst))
+        locs = {
+            kv.value
+            for t in _all_tensors(model.proto)
+            if t.data_location == TensorProto.EXTERNAL
+            for kv in t.external_data
+            if kv.key == "location"
+        }
+        for loc in sorted(locs):
+            src, tgt = model.path.parent / loc, Path(td) / loc
+            tgt.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(src, tgt)
+            except OSError as e:
+                raise ModelError(
+                    f"cannot copy the external data {loc} of {model.path.name} to {td} "
+                    f"({e.strerror}); free that much space there or point TMPDIR elsewhere"
+                ) from e
+        yield dst
 
 
 def _all_tensors(proto: onnx.ModelProto) -> list[TensorProto]:
@@ -261,15 +335,20 @@ def ort_session(model: OnnxModel, device: str = "cpu") -> Any:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    src: Any = str(model.path)
-    if model.proto.ir_version > MAX_ORT_IR:
+    try:
+        if model.proto.ir_version <= MAX_ORT_IR:
+            # From the path: onnxruntime reads external data itself, whatever its size.
+            return ort.InferenceSession(str(model.path), sess_options=so, providers=providers)
         # onnxruntime refuses newer IR versions; the graph itself is unchanged.
+        if model.weights_on_disk:
+            with _staged(model, ir_version=MAX_ORT_IR) as staged:
+                return ort.InferenceSession(str(staged), sess_options=so, providers=providers)
         m = onnx.ModelProto()
         m.CopyFrom(model.proto)
         m.ir_version = MAX_ORT_IR
-        src = m.SerializeToString()
-    try:
-        return ort.InferenceSession(src, sess_options=so, providers=providers)
+        return ort.InferenceSession(m.SerializeToString(), sess_options=so, providers=providers)
+    except ModelError:
+        raise
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"onnxruntime cannot load {model.path.name}: {msg}") from e
@@ -324,6 +403,10 @@ def unsupported_ops(proto: onnx.ModelProto) -> list[str]:
 def convert(model: OnnxModel) -> torch.nn.Module:
     """Convert to a torch module with onnx2torch (plus ncscan's converters).
 
+    onnx2torch's warnings go to `model.conversion_notes`, not stderr. A weights-on-disk
+    model is converted from a private temp copy (graph + weights); it needs about three
+    times its weight size in RAM while converting.
+
     Raises:
         UnsupportedOpsError: listing ALL unsupported operators at once.
         ModelError: onnx2torch failed for another reason.
@@ -337,18 +420,36 @@ def convert(model: OnnxModel) -> torch.nn.Module:
             hint="re-export at opset 17 (torch: torch.onnx.export(..., opset_version=17, "
             "dynamo=False)) or open an issue with these names",
         )
-    proto = model.proto
-    if proto.ir_version > MAX_ORT_IR:
-        proto = onnx.ModelProto()
-        proto.CopyFrom(model.proto)
-        proto.ir_version = MAX_ORT_IR
+    ir = MAX_ORT_IR if model.proto.ir_version > MAX_ORT_IR else None
     try:
-        net = o2t_convert(proto)
+        # onnx2torch warns (to stderr) where its converter may not match the ONNX
+        # semantics; whether it does is decided by the parity check on the user's images,
+        # so the warnings are kept as notes instead of breaking the one-line CLI output.
+        with _pywarnings.catch_warnings(record=True) as caught:
+            _pywarnings.simplefilter("always")
+            if model.weights_on_disk:
+                # A proto over 2 GB cannot be serialized for onnx2torch's shape inference:
+                # convert from a staged path so onnx reads the weights from their files.
+                with _staged(model, ir_version=ir) as staged:
+                    net = o2t_convert(str(staged))
+            else:
+                proto = model.proto
+                if ir is not None:
+                    proto = onnx.ModelProto()
+                    proto.CopyFrom(model.proto)
+                    proto.ir_version = ir
+                net = o2t_convert(proto)
     except NotImplementedError as e:
         raise UnsupportedOpsError([str(e)]) from e
+    except ModelError:
+        raise
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot convert {model.path.name} to torch: {msg}") from e
+    for w in caught:
+        note = " ".join(str(w.message).split())
+        if note not in model.conversion_notes:
+            model.conversion_notes.append(note)
     net.eval()
     for prm in net.parameters():
         prm.requires_grad_(False)

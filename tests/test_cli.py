@@ -106,6 +106,29 @@ def test_sarif_valid_and_exit_one(workdir: Path) -> None:
     jsonschema.validate(log, json.loads(schema.read_text()))
 
 
+def test_unconverged_labels_are_inconclusive_exit_4(capsys: pytest.CaptureFixture[str], workdir: Path) -> None:
+    """Too small a budget (3 steps at a lower learning rate, from a TOML --config): some labels
+    never reach a working trigger, and the scan says inconclusive (exit 4) instead of
+    computing outlier statistics over the labels that happened to finish."""
+    e = entry("mnist_badnets_square")
+    cfg = workdir / "short.toml"
+    cfg.write_text("max_steps = 3\nlr = 0.07\n")
+    out = workdir / "r.json"
+    rc = run([e["_abs"]["file"], "--data", e["_abs"]["scan_data"], *cli_preprocess_args(e),
+              "--config", str(cfg), "-o", str(out), "--device", "cpu"])
+    err = " ".join(capsys.readouterr().err.split())  # the table wraps at 80 columns
+    rep = json.loads(out.read_text())
+    assert rc == 4
+    assert rep["verdict"] == "inconclusive" and rep["flagged"] == []
+    missed = [lab["label"] for lab in rep["labels"] if not lab["converged"]]
+    assert 0 < len(missed) <= len(rep["labels"]) - 3  # enough finished for statistics, yet not all
+    assert all(lab["steps"] <= 3 for lab in rep["labels"])
+    reason = f"no trigger reached 99% attack success for label(s) {', '.join(map(str, missed))} within 3 steps"
+    assert rep["reasons"] == [reason]
+    assert f"INCONCLUSIVE: {reason}" in err
+    assert err.count("no trigger") == len(missed) + 1  # one marked table row per label, + the reason
+
+
 # ------------------------------------------------------------------ user errors: exit 2, one line
 
 

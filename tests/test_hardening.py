@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +14,13 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
+from ncscan import model as ncmodel
 from ncscan.cli import run
 from ncscan.data import load_data
-from ncscan.errors import DataError, ModelError, NcscanError
-from ncscan.model import convert, load_onnx
+from ncscan.errors import ConversionMismatchError, DataError, ModelError, NcscanError
+from ncscan.model import check_parity, convert, load_onnx, ort_run, ort_session
 
 from . import tiny
 from .conftest import entry
@@ -128,6 +132,155 @@ def test_external_data_model_loads(workdir: Path) -> None:
     assert om.has_external_data and om.input.channels == 1
 
 
+def _resize_classifier(path: Path, ctm: str) -> Path:
+    """Resize(linear, x2, coordinate_transformation_mode=ctm) -> Flatten -> Gemm over 1x8x8.
+
+    onnx2torch maps linear Resize to F.interpolate(align_corners=ctm == "align_corners"),
+    i.e. half-pixel sampling, for every mode but align_corners: "asymmetric" is genuinely
+    computed differently from onnxruntime (it only warns that results "might differ").
+    """
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Resize", ["x", "", "scales"], ["r"], mode="linear", coordinate_transformation_mode=ctm),
+        helper.make_node("Flatten", ["r"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "W", "b"], ["y"], transB=1),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+        numpy_helper.from_array(rng.normal(size=(3, 256)).astype(np.float32), "W"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "b"),
+    ]
+    return tiny.graph_with(path, [("x", TensorProto.FLOAT, ["N", 1, 8, 8])], [("y", TensorProto.FLOAT, ["N", 3])], nodes, inits)
+
+
+def test_resize_converters_parity_is_measured(workdir: Path) -> None:
+    """The premise of the next test, measured: asymmetric differs, align_corners agrees."""
+    x = np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)
+    for ctm, agrees in (("asymmetric", False), ("align_corners", True)):
+        om = load_onnx(_resize_classifier(workdir / f"{ctm}.onnx", ctm))
+        net = convert(om)
+        sess = ort_session(om)
+
+        def ort_fn(a: np.ndarray, sess: object = sess, om: ncmodel.OnnxModel = om) -> np.ndarray:
+            return ort_run(sess, om, a)
+
+        if agrees:
+            assert check_parity(net, ort_fn, x).max_rel < 1e-5
+        else:
+            with pytest.raises(ConversionMismatchError):
+                check_parity(net, ort_fn, x)
+            assert any("asymmetric" in n for n in om.conversion_notes)
+
+
+def test_conversion_mismatch_refused(images: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    m = _resize_classifier(workdir / "resize.onnx", "asymmetric")
+    before = m.read_bytes()
+    out = workdir / "r.json"
+    assert _scan_rc(m, images, "-o", str(out)) == 2
+    line = _err_line(capsys)  # onnx2torch's own UserWarning must not leak onto stderr
+    assert line.startswith("ncscan: error: the torch conversion disagrees with onnxruntime")
+    assert "max relative difference" in line and "re-export" in line
+    assert not out.exists() and m.read_bytes() == before
+    assert _scan_rc(m, images, "--debug") == 2
+    assert "ConversionMismatchError" in capsys.readouterr().err
+
+
+def _external_classifier(d: Path, rows: int, ir_version: int = 8) -> Path:
+    """Flatten -> Gemm classifier plus a [rows, 3] float table in an external file whose
+    row 0 is added to the logits (Gather), so every byte is reachable from the output.
+    The table file is written sparse: only row 0 holds data, the rest are zero holes."""
+    rng = np.random.default_rng(0)
+    table = TensorProto(name="T", data_type=TensorProto.FLOAT, dims=[rows, 3])
+    table.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", "big.onnx.data"), ("offset", "0"), ("length", str(rows * 12))):
+        table.external_data.add(key=k, value=v)
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "W", "b"], ["l"], transB=1),
+        helper.make_node("Gather", ["T", "i"], ["g"], axis=0),
+        helper.make_node("Add", ["l", "g"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(rng.normal(size=(3, 64)).astype(np.float32), "W"),
+         numpy_helper.from_array(np.zeros(3, np.float32), "b"), table,
+         numpy_helper.from_array(np.array([0], np.int64), "i")],
+    )
+    p = d / "big.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=ir_version), str(p))
+    with open(d / "big.onnx.data", "wb") as f:
+        f.write(np.array([3.0, -3.0, 1.0], np.float32).tobytes())
+        f.truncate(rows * 12)
+    return p
+
+
+def _stage_dirs() -> set[str]:
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("ncscan-model-")}
+
+
+@pytest.mark.parametrize("ir_version", [8, 14])
+def test_weights_on_disk_path_scans(ir_version: int, images: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The >2 GB code path on a small model: the proto keeps only the graph, conversion and
+    onnxruntime read the weights from the files (IR 14 is also clamped for onnxruntime)."""
+    monkeypatch.setattr(ncmodel, "PROTO_LIMIT", 0)
+    d = workdir / "m"
+    d.mkdir()
+    m = _external_classifier(d, rows=1000, ir_version=ir_version)
+    om = load_onnx(m)
+    assert om.weights_on_disk and om.has_external_data
+    t = next(t for t in om.proto.graph.initializer if t.name == "T")
+    assert t.data_location == TensorProto.EXTERNAL and not t.raw_data  # not read into the proto
+    before = {f.name: f.read_bytes() for f in d.iterdir()}
+    stages = _stage_dirs()
+    out = workdir / "r.json"
+    assert _scan_rc(m, images, "--max-steps", "3", "-o", str(out)) in (0, 1, 4)
+    rep = json.loads(out.read_text())
+    assert rep["conversion_parity"]["max_rel"] < 1e-4 and len(rep["labels"]) == 3
+    assert {f.name: f.read_bytes() for f in d.iterdir()} == before
+    assert _stage_dirs() == stages  # the staged copy is gone
+
+
+def test_truncated_external_data(images: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    m = _external_classifier(workdir, rows=1000)
+    with open(workdir / "big.onnx.data", "r+b") as f:
+        f.truncate(500)
+    assert _scan_rc(m, images) == 2
+    line = _err_line(capsys)
+    assert "big.onnx.data" in line and "shorter" in line
+
+
+@pytest.mark.slow
+def test_model_over_2gb_external_data_scans(workdir: Path) -> None:
+    """A real >2 GiB model (sparse data file: cheap on disk until staged). Measured on 2 cores:
+    about 50 s and 7.2 GB peak RSS (onnx2torch holds the weights ~3x while converting)."""
+    import subprocess
+    import sys
+
+    d = workdir / "big"
+    d.mkdir()
+    rows = (2**31 + 2**24) // 12  # 2.16 GB of float32
+    m = _external_classifier(d, rows=rows)
+    imgs = tiny.write_images(workdir / "imgs")
+    out = workdir / "r.json"
+    try:
+        stages = _stage_dirs()
+        r = subprocess.run(
+            [sys.executable, "-m", "ncscan", str(m), "--data", str(imgs), "--device", "cpu", "-q",
+             "--max-steps", "3", "-o", str(out)],
+            check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert r.returncode in (0, 1, 4), r.stderr
+        assert "Traceback" not in r.stderr
+        rep = json.loads(out.read_text())
+        assert rep["conversion_parity"]["max_rel"] < 1e-4 and len(rep["labels"]) == 3
+        assert _stage_dirs() == stages
+        assert (d / "big.onnx.data").stat().st_size == rows * 12
+    finally:
+        for f in d.iterdir():
+            f.unlink()
+
+
 def test_nan_model(images: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     m = tiny.linear_classifier(workdir / "nan.onnx", nan=True)
     assert _scan_rc(m, images) == 2
@@ -193,6 +346,73 @@ def test_corrupt_images_skipped_with_count(workdir: Path) -> None:
     ds = load_data(d, channels=1, size=(8, 8))
     assert len(ds) == 15 and ds.skipped == 2
     assert any("skipped 2" in w for w in ds.warnings)
+
+
+def _bilevel_png(path: Path, w: int, h: int) -> Path:
+    """A valid 1-bit greyscale PNG of w x h, written row by row: a few KB on disk however
+    many pixels it claims (the shape of a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\x00" * (1 + (w + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bombs_skipped_with_count(workdir: Path) -> None:
+    import resource
+
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    d = tiny.write_images(workdir / "imgs", n=12)
+    _bilevel_png(d / "0" / "bomb.png", 20000, 20000)  # 400 Mpx: above PIL's own hard limit
+    _bilevel_png(d / "1" / "big.png", 9000, 8000)  # 72 Mpx: above ncscan's 64 Mpx, below PIL's
+    assert (d / "0" / "bomb.png").stat().st_size < 100_000
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ds = load_data(d, channels=3, size=(8, 8))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 100_000  # KB: nothing decoded
+    assert len(ds) == 12 and ds.skipped == 2
+    assert any("skipped 2 image(s) over 64 megapixels" in w for w in ds.warnings)
+    assert Image.MAX_IMAGE_PIXELS == limit  # PIL's global is left alone
+
+
+def test_bombs_among_good_images_scan_with_warning(workdir: Path) -> None:
+    m = tiny.linear_classifier(workdir / "m.onnx")
+    d = tiny.write_images(workdir / "imgs", n=12)
+    _bilevel_png(d / "2" / "bomb.png", 20000, 20000)
+    out = workdir / "r.json"
+    assert _scan_rc(m, d, "--max-steps", "3", "-o", str(out)) in (0, 1, 4)
+    assert any("megapixels" in w and "bomb.png" in w for w in json.loads(out.read_text())["warnings"])
+
+
+def test_only_huge_images(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    m = tiny.linear_classifier(workdir / "m.onnx")
+    d = workdir / "huge"
+    d.mkdir()
+    for i in range(3):
+        _bilevel_png(d / f"{i}.png", 20000, 20000)
+    assert _scan_rc(m, d) == 2
+    line = _err_line(capsys)
+    assert "all 3 images" in line and "megapixels" in line and "downscale" in line
+
+
+def test_large_legal_image_resized_with_warning(workdir: Path) -> None:
+    from PIL import Image
+
+    d = tiny.write_images(workdir / "imgs", n=12)
+    ramp = np.tile(np.linspace(0, 255, 4000).astype(np.uint8), (3000, 1))
+    Image.fromarray(np.stack([ramp] * 3, 2), "RGB").save(d / "0" / "photo.jpg", quality=90)
+    Image.fromarray(ramp, "L").save(d / "1" / "scan.png")
+    ds = load_data(d, channels=1, size=(8, 8))
+    assert len(ds) == 14 and ds.x.shape == (14, 8, 8, 1) and ds.skipped == 0
+    assert any("resized 2 image(s)" in w for w in ds.warnings)
+    # a horizontal ramp stays a ramp after the downscale
+    k = int(np.nonzero(ds.y == 1)[0][-1])
+    assert ds.x[k, 4, 0, 0] < 40 and ds.x[k, 4, 7, 0] > 215
 
 
 def test_too_few_images_says_how_many(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -287,6 +507,23 @@ def test_contradictory_flags(images: Path, workdir: Path, capsys: pytest.Capture
     assert "--bgr" in _err_line(capsys)
     assert _scan_rc(m, images, "--std", "0,1") == 2
     _err_line(capsys)
+
+
+def test_device_cuda_without_gpu_subprocess(images: Path, workdir: Path) -> None:
+    """--device cuda where torch sees no GPU, hidden with CUDA_VISIBLE_DEVICES so this also
+    runs on GPU machines (tests/test_cli.py covers an unknown --device): exit 2, one line."""
+    import subprocess
+    import sys
+
+    m = tiny.linear_classifier(workdir / "m.onnx")
+    out = workdir / "r.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "ncscan", str(m), "--data", str(images), "--device", "cuda",
+                        "-o", str(out)], check=False, capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0] == "ncscan: error: --device cuda: no CUDA GPU is visible to torch; use --device cpu or auto"
+    assert not out.exists()
 
 
 def test_bad_config_file(images: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
