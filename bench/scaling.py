@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def wide_model(k: int, path: Path, seed: int = 0) -> None:
+def wide_model(k: int, path: Path, seed: int = 0, bias_offset: float = 2.0) -> None:
     from ncscan.model import convert, load_onnx
 
     om = load_onnx(ROOT / "fixtures/models/mnist_badnets_square.onnx")
@@ -38,7 +38,7 @@ def wide_model(k: int, path: Path, seed: int = 0) -> None:
         rows = torch.randn((extra, w.shape[1]), generator=g)
         rows = rows / rows.norm(dim=1, keepdim=True) * w.norm(dim=1).mean()
         w = torch.cat([w, rows])
-        b = torch.cat([b, torch.full((extra,), float(b.min()) - 2.0)])
+        b = torch.cat([b, torch.full((extra,), float(b.min()) - bias_offset)])
     new = torch.nn.Linear(w.shape[1], k)
     with torch.no_grad():
         new.weight.copy_(w)

@@ -34,7 +34,8 @@ class ReverseConfig:
         max_steps: cap on schedule steps per label (paper: 1000).
         schedule: the cost schedule (see `ncscan.schedule`).
         label_chunk: labels optimised together; None = fit to the memory budget.
-        memory_budget_mb: activation memory to aim for when choosing the chunk.
+        memory_budget_mb: activation memory to aim for when choosing the chunk; None = 1 GiB
+            on CPU, half the free memory on a GPU (at most 40 GiB).
         verify_images: before a step's mask becomes a label's best, its attack success is
             re-checked on this many fixed images (forward only); 0 disables. The step's own
             estimate comes from the few mini-batches it saw while the mask was changing,
@@ -49,7 +50,7 @@ class ReverseConfig:
     max_steps: int = 300
     schedule: sched.ScheduleConfig = field(default_factory=sched.ScheduleConfig)
     label_chunk: int | None = None
-    memory_budget_mb: float = 1024.0
+    memory_budget_mb: float | None = None
     verify_images: int = 256
     name: str = "fast"
 
@@ -110,9 +111,12 @@ def _bytes_per_image(model: torch.nn.Module, x1: torch.Tensor) -> int:
                 total[0] += o.numel() * o.element_size()
 
     hs = [m.register_forward_hook(hook) for m in model.modules() if len(list(m.children())) == 0]
+    where = next(iter(model.parameters()), None)
+    if where is None:
+        where = next(iter(model.buffers()), None)
     try:
         with torch.no_grad():
-            model(x1)
+            model(x1.to(where.device) if where is not None else x1)
     finally:
         for h in hs:
             h.remove()
@@ -123,20 +127,35 @@ def _has_conv(model: torch.nn.Module) -> bool:
     return any(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in model.modules())
 
 
-def choose_chunk(model: torch.nn.Module, x1: torch.Tensor, n_labels: int, cfg: ReverseConfig) -> int:
+def memory_budget_mb(cfg: ReverseConfig, device: torch.device | str = "cpu") -> float:
+    """The activation-memory budget for choosing the chunk on `device`."""
+    if cfg.memory_budget_mb is not None:
+        return float(cfg.memory_budget_mb)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        return min(free / 2**20 / 2, 40 * 1024.0)
+    return 1024.0
+
+
+def choose_chunk(
+    model: torch.nn.Module, x1: torch.Tensor, n_labels: int, cfg: ReverseConfig, device: torch.device | str = "cpu"
+) -> int:
     """Labels per batch: as many as fit the activation-memory budget (x3 for backward)."""
     if cfg.label_chunk is not None:
         return max(1, min(n_labels, cfg.label_chunk))
     per_label = _bytes_per_image(model, x1) * 3 * cfg.batch_size
-    fit = int(cfg.memory_budget_mb * 2**20 // per_label)
+    fit = int(memory_budget_mb(cfg, device) * 2**20 // per_label)
     return max(1, min(n_labels, fit))
 
 
-def plan_chunks(model: torch.nn.Module, x: torch.Tensor, labels: list[int], cfg: ReverseConfig) -> list[list[int]]:
+def plan_chunks(
+    model: torch.nn.Module, x: torch.Tensor, labels: list[int], cfg: ReverseConfig, device: torch.device | str = "cpu"
+) -> list[list[int]]:
     """Split `labels` into the chunks that are optimised together (sized to the memory
     budget). A chunk is the unit of work: local scans run them one after another,
     distributed scans (`ncscan.distributed`) send each to a worker."""
-    chunk = choose_chunk(model, x[:1].cpu(), len(labels), cfg)
+    chunk = choose_chunk(model, x[:1].cpu(), len(labels), cfg, device)
     return [labels[i : i + chunk] for i in range(0, len(labels), chunk)]
 
 
@@ -192,7 +211,7 @@ def reverse_engineer(
     Returns:
         (one trace per label in order, stats dict with "passes" and "chunk").
     """
-    chunks = plan_chunks(model, x, labels, cfg)
+    chunks = plan_chunks(model, x, labels, cfg, device)
     traces: dict[int, LabelTrace] = {}
     passes = 0
     if runner is not None:

@@ -148,7 +148,7 @@ def test_filter_wrapper(report, tmp_path):
     fpr = float(o_clean["ncscan_flag"].mean())
     fnr = float((~o_trig["ncscan_flag"]).mean())
     print(f"filter: test FPR {fpr:.4f} FNR {fnr:.4f} (held-out FPR {res.filter_fpr} FNR {res.filter_fnr})")
-    assert fpr <= 0.05 + 0.02  # calibrated to 5% on 60 held-out images
+    assert fpr <= 0.05  # bounded at 5% with 90% confidence from the 240 patching images
     assert fnr <= 0.05
     # the serving helper: uint8 NHWC in, flags out
     fm = FilteredModel(out)

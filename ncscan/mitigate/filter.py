@@ -3,7 +3,8 @@
 The neuron activation profile of an input is the mean activation of the top 1% (at least
 one) neurons of the chosen layer ranked by how much more they fire on reversed-trigger
 images than on clean ones. An input is flagged when its profile exceeds a threshold set on
-clean held-out images so that `fpr` (default 5%) of them are flagged.
+clean images so that, with 90% confidence, at most `fpr` (default 5%) of new clean inputs
+are flagged (a binomial bound on the order statistic, see `calibrate`).
 
 The filter is exported as a WRAPPER of the original graph: every original node and output
 is kept, and two outputs are added, computed inside the graph from the activation tensor:
@@ -50,13 +51,49 @@ def choose_neurons(gap: torch.Tensor, top_fraction: float = 0.01, min_neurons: i
     return torch.argsort(gap, descending=True)[:k].tolist()
 
 
-def calibrate(scores_clean: np.ndarray, fpr: float) -> float:
-    """Smallest threshold with at most `fpr` of the clean scores strictly above it."""
+CONFIDENCE = 0.9
+
+
+def calibrate(scores_clean: np.ndarray, fpr: float, confidence: float = CONFIDENCE) -> tuple[float, bool]:
+    """A threshold whose false-positive rate on NEW clean inputs is at most `fpr` with
+    probability `confidence`.
+
+    The plain empirical quantile misses that target about half the time (its FPR on new
+    data scatters around `fpr` by sqrt(fpr(1-fpr)/n)). If k of n calibration scores lie
+    above the threshold, the chance that the true FPR exceeds `fpr` is P(Binomial(n, fpr)
+    <= k); we take the largest k that keeps this below 1 - confidence.
+
+    Returns:
+        (threshold, guaranteed): `guaranteed` is False when there are too few scores for the
+        bound even at k = 0 (n < log(1 - confidence) / log(1 - fpr), 45 images at 5%/90%); the
+        threshold is then the largest clean score.
+    """
     s = np.sort(np.asarray(scores_clean, dtype=np.float64))
-    if len(s) == 0:
-        return float("inf")
-    k = int(math.floor(fpr * len(s)))  # how many may be above
-    return float(s[len(s) - 1 - k]) if k < len(s) else float(s[0]) - 1.0
+    n = len(s)
+    if n == 0:
+        return float("inf"), False
+    k = _max_exceedances(n, fpr, 1.0 - confidence)
+    if k < 0:
+        return float(s[-1]), False
+    return float(s[n - 1 - k]), True
+
+
+def _max_exceedances(n: int, p: float, delta: float) -> int:
+    """Largest k with P(Binomial(n, p) <= k) <= delta (-1 if none)."""
+    if p <= 0:
+        return -1
+    if p >= 1:
+        return n - 1
+    log_pmf = n * math.log1p(-p)  # k = 0
+    cdf = math.exp(log_pmf)
+    k = -1
+    for j in range(n):
+        if cdf > delta:
+            break
+        k = j
+        log_pmf += math.log((n - j) / (j + 1)) + math.log(p) - math.log1p(-p)
+        cdf += math.exp(log_pmf)
+    return min(k, n - 1)
 
 
 def rates(scores_clean: np.ndarray, scores_trig: np.ndarray, threshold: float) -> tuple[float, float]:

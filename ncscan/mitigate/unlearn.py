@@ -104,7 +104,9 @@ def unlearn(
             pos += bs
             xb = x[idx].to(dev).clone()
             yb = y[idx].to(dev)
-            k = int(round(cfg.poison_fraction * len(idx)))
+            # `poison_fraction` of the batch per trigger (at most half the batch in all), so
+            # a second target is not unlearned with half the examples of a single one.
+            k = int(round(min(0.5, cfg.poison_fraction * len(triggers)) * len(idx)))
             clean = torch.ones(len(idx), dtype=torch.bool)
             if k > 0:
                 sel = torch.randperm(len(idx), generator=gen)[:k]
