@@ -169,7 +169,14 @@ def _progress_bar(console: Any, enabled: bool) -> Any:
     """A rich progress bar on stderr (None when disabled or stderr is not a terminal)."""
     if not enabled or not console.is_terminal:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("reversing triggers"),
@@ -195,6 +202,14 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to optimise: 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table (machine formats still print).")]
 RayOpt = Annotated[Optional[str], typer.Option("--ray", help="Run the label chunks as Ray tasks on a cluster: auto (the one `ray start` runs here), local (start one for this run), HOST:PORT or ray://HOST:PORT. Needs ncscan[ray].", show_default=False)]
+ThresholdOpt = Annotated[float, typer.Option("--threshold", help="Anomaly-index threshold: labels below the median with a larger index are flagged.")]
+ScheduleOpt = Annotated[Schedule, typer.Option("--schedule", help="fast (ncscan default, labels batched) or reference (the original algorithm's settings, one label at a time).", case_sensitive=False)]
+MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Cap on optimisation steps per label.", min=1)]
+BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per label per mini-batch.", min=1)]
+LabelChunkOpt = Annotated[Optional[int], typer.Option("--label-chunk", help="Labels optimised together (default: fit to memory; one Ray task each with --ray).", min=1)]
+MaxImagesOpt = Annotated[int, typer.Option("--max-images", help="Use at most this many clean images (per model).", min=1)]
+PrescreenOpt = Annotated[Optional[Prescreen], typer.Option("--prescreen", help="Many-label scheduling: auto (on above 64 labels), on or off.", case_sensitive=False)]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON or TOML file of optimiser/schedule settings (lr, betas, batch_size, mini_batches, max_steps, init_cost, patience, ...).")]
 
 
 @app.command("scan")
@@ -207,27 +222,27 @@ def scan_cmd(
     std: Std = None,
     bgr: Bgr = None,
     layout: LayoutOpt = None,
-    threshold: Annotated[float, typer.Option("--threshold", help="Anomaly-index threshold: labels below the median with a larger index are flagged.")] = 2.0,
+    threshold: ThresholdOpt = 2.0,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
     fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table (human, stderr), json or sarif (stdout unless --output). Default: from --output's extension, else table.", case_sensitive=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report to this file (atomically).")] = None,
     triggers: Annotated[Optional[Path], typer.Option("--triggers", help="Write mask/pattern/trigger PNGs and .npz for every label into this directory.")] = None,
-    schedule: Annotated[Schedule, typer.Option("--schedule", help="fast (ncscan default, labels batched) or reference (the original algorithm's settings, one label at a time).", case_sensitive=False)] = Schedule.fast,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Cap on optimisation steps per label.", min=1)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per label per mini-batch.", min=1)] = None,
-    label_chunk: Annotated[Optional[int], typer.Option("--label-chunk", help="Labels optimised together (default: fit to memory).", min=1)] = None,
-    max_images: Annotated[int, typer.Option("--max-images", help="Use at most this many clean images.", min=1)] = 2000,
-    prescreen: Annotated[Optional[Prescreen], typer.Option("--prescreen", help="Many-label scheduling: auto (on above 64 labels), on or off.", case_sensitive=False)] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="JSON or TOML file of optimiser/schedule settings (lr, betas, batch_size, mini_batches, max_steps, init_cost, patience, ...).")] = None,
+    schedule: ScheduleOpt = Schedule.fast,
+    max_steps: MaxStepsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    label_chunk: LabelChunkOpt = None,
+    max_images: MaxImagesOpt = 2000,
+    prescreen: PrescreenOpt = None,
+    config: ConfigOpt = None,
     exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even when a backdoor is found or the scan is inconclusive.")] = False,
     ray: RayOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> int:
     """Scan MODEL for backdoors (the default command: `ncscan MODEL --data DIR`)."""
-    from .report import render_table, report_json, sarif_text, write_triggers
     from .io import atomic_write_text, check_output_path
+    from .report import render_table, report_json, sarif_text, write_triggers
     from .scanner import scan
 
     err = _stderr_console(quiet)
@@ -283,8 +298,9 @@ def scan_cmd(
         write_triggers(report, triggers)
     if fmt == Format.table:
         if output is not None:
-            from rich.console import Console
             import io
+
+            from rich.console import Console
 
             buf = io.StringIO()
             render_table(report, Console(file=buf, width=120, color_system=None, force_terminal=False))

@@ -302,6 +302,12 @@ def patch(
     prep: Prepared = prepare(model, data, device=device, seed=seed, **pre_kw)
     dev = prep.device
     om = prep.onnx
+    if om.weights_on_disk:
+        raise ModelError(
+            f"{om.path} keeps over 2 GB of weights in external data: ncscan can scan it but cannot "
+            "yet write a patched copy of a model that size; patch a smaller export, or use the "
+            "scan's reversed triggers with your own fine-tuning"
+        )
     pm = prep.pixel_model
     net = pm.net
     warnings = list(prep.warnings)
