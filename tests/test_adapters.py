@@ -21,6 +21,7 @@ from ncscan.errors import ConfigError, ConversionMismatchError, ModelError, Ncsc
 
 REPO = Path(__file__).resolve().parents[1]
 KERAS_FIX = REPO / "fixtures" / "keras"
+JAX_FIX = REPO / "fixtures" / "jax"
 META_KEYS = ("ncscan.pixel_range", "ncscan.layout", "ncscan.channel_order")
 
 
@@ -433,15 +434,15 @@ def test_jax_round_trip(tmp_path):
 # ------------------------------------------------- Keras fixtures (no framework needed)
 
 
-def _manifest() -> dict:
-    p = KERAS_FIX / "manifest.json"
+def _manifest(root: Path = KERAS_FIX) -> dict:
+    p = root / "manifest.json"
     if not p.exists():
-        pytest.skip("fixtures/keras/manifest.json not built yet")
+        pytest.skip(f"fixtures/{root.name}/manifest.json not built yet")
     return json.loads(p.read_text())
 
 
-def _fixture(infected: bool) -> dict:
-    return next(f for f in _manifest()["fixtures"] if f["infected"] is infected)
+def _fixture(infected: bool, root: Path = KERAS_FIX) -> dict:
+    return next(f for f in _manifest(root)["fixtures"] if f["infected"] is infected)
 
 
 def _stamp(x_u8: np.ndarray, trig) -> np.ndarray:
@@ -528,5 +529,101 @@ def test_ncscan_scans_keras_fixture(infected):
     if infected:
         assert report.verdict == "backdoor"
         assert f["targets"][0] in report.flagged
+    else:
+        assert report.verdict == "clean" and not report.flagged
+
+
+# --------------------------------------------------- JAX fixtures (no framework needed)
+# fixtures/jax/: Flax NNX twins exported with ncscan.adapters.jax (jax2onnx) by
+# fixtures/jax/build.py. These tests read only the committed ONNX files, so they need
+# onnxruntime (and onnx2torch / ncscan for the last two), never jax.
+
+
+def test_jax_fixture_manifest():
+    man = _manifest(JAX_FIX)
+    assert man["version"] == 1 and len(man["fixtures"]) == 2
+    total = sum(p.stat().st_size for p in JAX_FIX.rglob("*") if p.is_file())
+    assert total < 3 * 2**20, total
+    assert {f["name"] for f in man["fixtures"]} == {"mnist_badnets_jax", "mnist_clean_jax"}
+    for f in man["fixtures"]:
+        path = JAX_FIX / f["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == f["sha256"]
+        assert f["exporter"] == "jax2onnx" and f["layout"] == "NHWC"
+        assert f["ir_version"] <= 13 and f["opset"] <= 17 and f["preprocess_in_metadata"]
+        md = metadata(path)
+        assert md["ncscan.pixel_range"] == "0,255" and md["ncscan.layout"] == "NHWC"
+        assert md["ncscan.exporter"] == "jax2onnx"
+        assert json.loads(md["ncscan.class_names"]) == [str(i) for i in range(10)]
+        import onnx
+
+        d0 = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+        assert d0.dim_param and not d0.dim_value, "batch axis is not dynamic"
+        for t in f["triggers"]:
+            z = np.load(JAX_FIX / t["file"])
+            assert z["mask"].shape == (28, 28) and z["pattern"].shape == (1, 28, 28)
+            assert z["mask"].dtype == np.float32 and 0 <= z["mask"].min() and z["mask"].max() <= 1
+            assert abs(float(z["mask"].sum()) - t["mask_l1"]) < 1e-6
+    # a different backdoor from the Keras twin's (target and trigger position)
+    jt = _fixture(True, JAX_FIX)["triggers"][0]
+    kt = _fixture(True)["triggers"][0]
+    assert jt["target"] != kt["target"]
+    jm = np.load(JAX_FIX / jt["file"])["mask"]
+    km = np.load(KERAS_FIX / kt["file"])["mask"]
+    assert not (jm * km).any()
+    scan = sorted((JAX_FIX / "scan").glob("*/*.png"))
+    assert len(scan) >= 250 and {p.parent.name for p in scan} == {str(i) for i in range(10)}
+    test = np.load(JAX_FIX / "test.npz")
+    assert test["x"].dtype == np.uint8 and test["x"].shape[1:] == (28, 28, 1)
+    assert test["y"].dtype == np.int64 and len(test["y"]) == len(test["x"]) >= 2000
+    from PIL import Image
+
+    scan_keys = {np.asarray(Image.open(p)).tobytes() for p in scan}
+    assert not scan_keys & {x[..., 0].tobytes() for x in test["x"]}
+
+
+@pytest.mark.parametrize("infected", [True, False], ids=["badnets", "clean"])
+def test_jax_fixture_accuracy_and_attack(infected):
+    f = _fixture(infected, JAX_FIX)
+    path = JAX_FIX / f["file"]
+    test = np.load(JAX_FIX / "test.npz")
+    x, y = test["x"], test["y"]
+    # dynamic batch: the whole test set in one run
+    pred = ort_run(path, x.astype(np.float32)).argmax(1)
+    acc = float((pred == y).mean())
+    assert acc >= 0.97 and abs(acc - f["clean_accuracy"]) < 1e-3
+    t = _fixture(True, JAX_FIX)["triggers"][0]
+    trig = np.load(JAX_FIX / t["file"])
+    keep = y != t["target"]
+    asr = float((ort_run(path, _stamp(x[keep], trig)).argmax(1) == t["target"]).mean())
+    if infected:
+        assert asr >= 0.95 and abs(asr - t["attack_success"]) < 1e-3
+    else:
+        assert asr < 0.05 and abs(asr - f["clean_model_trigger_rate"]) < 1e-3
+
+
+def test_jax_fixture_converts_with_onnx2torch():
+    pytest.importorskip("onnx2torch")
+    x = np.load(JAX_FIX / "test.npz")["x"][:5].astype(np.float32)
+    for f in _manifest(JAX_FIX)["fixtures"]:
+        onnx2torch_matches(JAX_FIX / f["file"], x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("infected", [True, False], ids=["badnets", "clean"])
+def test_ncscan_scans_jax_fixture(infected):
+    """Issue #5: scanned with no preprocessing arguments (all from metadata), the JAX
+    BadNets twin is flagged with its true target and only that; the clean twin is clean."""
+    from ncscan import scan
+
+    f = _fixture(infected, JAX_FIX)
+    report = scan(JAX_FIX / f["file"], JAX_FIX / f["scan_data"], seed=0)
+    print(f"ncscan {f['name']}: verdict={report.verdict} flagged={report.flagged}")
+    d = report.to_dict()
+    assert d["preprocess"]["pixel_range"] == [0.0, 255.0]
+    assert d["preprocess"]["layout"] == "NHWC"
+    assert d["preprocess_source"]["pixel_range"] == "metadata"
+    if infected:
+        assert report.verdict == "backdoor"
+        assert list(report.flagged) == f["targets"]
     else:
         assert report.verdict == "clean" and not report.flagged
