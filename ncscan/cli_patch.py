@@ -85,7 +85,7 @@ def patch_cmd(
     epochs: Annotated[int, typer.Option("--epochs", help="Unlearning epochs (each at least --min-steps optimizer steps).", min=1)] = 1,
     lr: Annotated[float, typer.Option("--lr", help="Unlearning learning rate (Adam).")] = 1e-3,
     min_steps: Annotated[int, typer.Option("--min-steps", help="Minimum optimizer steps per unlearning epoch.", min=1)] = 150,
-    unlearn_rounds: Annotated[int, typer.Option("--unlearn-rounds", help="Unlearning rounds: after each, re-reverse the labels on the patched model and unlearn any trigger still small (1 = the paper's single round).", min=1)] = 2,
+    unlearn_rounds: Annotated[int, typer.Option("--unlearn-rounds", help="Unlearning rounds: after each, re-reverse the labels on the patched model and unlearn any working trigger still within 2x the original's L1 (1 = the paper's single round).", min=1)] = 1,
     fpr: Annotated[float, typer.Option("--fpr", help="Filter false-positive rate on new clean images (bounded with 90% confidence).")] = 0.05,
     layer: Annotated[Optional[str], typer.Option("--layer", help="ONNX node (or tensor) whose output pruning/filter use (default: the input of the last Gemm/MatMul).")] = None,
     max_accuracy_drop: Annotated[float, typer.Option("--max-accuracy-drop", help="Guard: largest clean-accuracy drop allowed, in points.")] = 2.0,

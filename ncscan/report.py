@@ -223,9 +223,12 @@ def render_table(report: ScanReport, console: Any, show_all_previews: bool = Fal
     for r in sorted(report.labels, key=lambda r: r.mask_l1):
         style = "bold red" if r.flagged else ("yellow" if not r.converged else "")
         note = "FLAGGED" if r.flagged else ("no trigger found" if not r.converged else "")
+        # A label with no working trigger has no meaningful size or index: its last mask is
+        # shown in brackets and the index as a dash.
+        l1_s = f"{r.mask_l1:.1f}" if r.converged else f"({r.mask_l1:.1f})"
+        idx_s = f"{r.anomaly_index:.2f}" if r.converged else "-"
         t.add_row(
-            str(r.label), r.name or "", f"{r.mask_l1:.1f}", f"{r.attack_success:.1%}",
-            f"{r.anomaly_index:.2f}", str(r.steps), note, style=style,
+            str(r.label), r.name or "", l1_s, f"{r.attack_success:.1%}", idx_s, str(r.steps), note, style=style,
         )
     console.print(t)
     acc = "n/a (no labels)" if report.clean_accuracy is None else f"{report.clean_accuracy:.1%}"

@@ -9,7 +9,7 @@ are flagged (a binomial bound on the order statistic, see `calibrate`).
 The filter is exported as a WRAPPER of the original graph: every original node and output
 is kept, and two outputs are added, computed inside the graph from the activation tensor:
 
-    ncscan_score = ReduceMean(Gather(activation, neurons, axis=1))   float [N]
+    ncscan_score = ReduceMean((Gather(activation, neurons, axis=1) - center) / scale)  float [N]
     ncscan_flag  = Greater(ncscan_score, threshold)                   bool  [N]
 """
 
@@ -29,13 +29,42 @@ FLAG = "ncscan_flag"
 
 @dataclass(frozen=True)
 class FilterProfile:
+    """score = mean over the chosen neurons of (activation - center) / scale.
+
+    `center`/`scale` are the neurons' clean mean and standard deviation: standardising puts
+    every neuron on the scale of its own clean noise, so one loud but noisy neuron cannot
+    drown quiet, reliable ones (measured on the fixtures: false negatives at the same FPR
+    fell from 12-15% to <= 5% on mnist_badnets_pattern and mnist_trojan). None = raw mean
+    (the paper's profile).
+    """
+
     neurons: list[int]
     threshold: float
     rank_dims: int  # rank of the activation tensor in the graph (2 or 4)
+    center: list[float] | None = None
+    scale: list[float] | None = None
 
     def score(self, acts: torch.Tensor) -> torch.Tensor:
-        """Scores from per-neuron activations [N, neurons]."""
-        return acts[:, self.neurons].mean(1)
+        """Scores from per-neuron activations [N, width]."""
+        a = acts[:, self.neurons]
+        if self.center is not None and self.scale is not None:
+            a = (a - torch.tensor(self.center, dtype=a.dtype)) / torch.tensor(self.scale, dtype=a.dtype)
+        return a.mean(1)
+
+
+def standardise(a_clean: torch.Tensor, a_trig: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(standardised gap per neuron, clean mean, clean scale) from activations [N, width].
+
+    The scale is the clean standard deviation, floored at 1% of the layer's median
+    non-zero deviation so that neurons silent on clean images (ideal detectors) get a large
+    but finite weight.
+    """
+    mu = a_clean.mean(0)
+    sd = a_clean.std(0) if len(a_clean) > 1 else torch.zeros_like(mu)
+    nz = sd[sd > 0]
+    floor = float(nz.median()) * 0.01 if len(nz) else 1.0
+    sd = sd.clamp_min(max(floor, 1e-12))
+    return (a_trig.mean(0) - mu) / sd, mu, sd
 
 
 MIN_NEURONS = 8
@@ -126,11 +155,25 @@ def add_filter(proto: onnx.ModelProto, activation: str, profile: FilterProfile) 
         helper.make_node("Cast", [activation], [p + "act"], name=p + "Cast", to=TensorProto.FLOAT),
         helper.make_node("Gather", [p + "act", p + "neurons"], [p + "picked"], name=p + "Gather", axis=1),
     ]
+    picked = p + "picked"
+    if profile.center is not None and profile.scale is not None:
+        # [1, k] for a [N, width] activation, [1, k, 1, 1] for a feature map (the profile's
+        # per-neuron values are spatial means, and standardising commutes with the mean).
+        shape = [1, len(profile.neurons)] + [1] * (profile.rank_dims - 2)
+        g.initializer.extend([
+            numpy_helper.from_array(np.asarray(profile.center, dtype=np.float32).reshape(shape), p + "center"),
+            numpy_helper.from_array(np.asarray(profile.scale, dtype=np.float32).reshape(shape), p + "scale"),
+        ])
+        nodes += [
+            helper.make_node("Sub", [picked, p + "center"], [p + "centered"], name=p + "Sub"),
+            helper.make_node("Div", [p + "centered", p + "scale"], [p + "standardised"], name=p + "Div"),
+        ]
+        picked = p + "standardised"
     if _opset(m) >= 18:
         g.initializer.append(numpy_helper.from_array(np.asarray(axes, dtype=np.int64), p + "axes"))
-        nodes.append(helper.make_node("ReduceMean", [p + "picked", p + "axes"], [SCORE], name=p + "ReduceMean", keepdims=0))
+        nodes.append(helper.make_node("ReduceMean", [picked, p + "axes"], [SCORE], name=p + "ReduceMean", keepdims=0))
     else:
-        nodes.append(helper.make_node("ReduceMean", [p + "picked"], [SCORE], name=p + "ReduceMean", axes=axes, keepdims=0))
+        nodes.append(helper.make_node("ReduceMean", [picked], [SCORE], name=p + "ReduceMean", axes=axes, keepdims=0))
     nodes.append(helper.make_node("Greater", [SCORE, p + "threshold"], [FLAG], name=p + "Greater"))
     g.node.extend(nodes)
     init_names = {t.name for t in g.initializer}
