@@ -247,3 +247,58 @@ def test_filter_calibration_bounds_new_data_fpr():
     assert thr == 19.0 and not guaranteed
     assert _max_exceedances(45, 0.05, 0.1) == 0 and _max_exceedances(44, 0.05, 0.1) == -1
     assert calibrate(np.array([]), 0.05) == (float("inf"), False)
+
+
+def test_relu_pool_swap_keeps_values_gradients_and_weights() -> None:
+    from torch import fx, nn
+
+    from ncscan.fastgraph import for_gradients
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.r1, self.p1 = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+            self.c2, self.r2, self.p2 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+            self.fc = nn.Linear(4 * 2 * 2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.r1(self.c1(x))
+            b = self.p1(a)  # r1 has a second user below: must stay before its pool
+            c = self.p2(self.r2(self.c2(b)))
+            return self.fc(c.flatten(1)) + a.mean()
+
+    torch.manual_seed(0)
+    pm = PixelModel(fx.symbolic_trace(Net()), Preprocess(), 1)
+    before = pm.net.code
+    fast = for_gradients(pm)
+    assert fast is not pm and pm.net.code == before  # the original graph is untouched
+    order = [n.target for n in fast.net.graph.nodes if n.op == "call_module"]
+    assert order.index("p2") < order.index("r2") and order.index("r1") < order.index("p1")
+    assert fast.net.c1.weight is pm.net.c1.weight  # weights shared, not copied
+    x = torch.rand(5, 1, 8, 8, requires_grad=True)
+    g1, = torch.autograd.grad(pm(x).square().sum(), x)
+    g2, = torch.autograd.grad(fast(x).square().sum(), x)
+    assert torch.equal(pm(x), fast(x)) and torch.equal(g1, g2)
+    plain = PixelModel(nn.Sequential(nn.Linear(2, 2)), Preprocess(), 1)
+    assert for_gradients(plain) is plain  # not an FX graph: left alone
+
+
+def test_grouped_two_half_verification_equals_checking_every_image() -> None:
+    from ncscan.reverse import _verify
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = torch.rand(40, 1, 4, 4)
+    mraw, praw = torch.randn(6, 1, 4, 4), torch.randn(6, 1, 4, 4)
+    targets = torch.tensor([0, 1, 2, 0, 1, 2])
+    rows = np.array([0, 2, 3, 5])
+    images = [torch.randperm(40)[:n] for n in (9, 40, 1, 17)]
+    for thr in (0.0, 0.2, 0.34, 0.5, 0.99):
+        got, spent = _verify(net, x, images, mraw, praw, rows, targets, thr, max_images=20, fmt=torch.contiguous_format)
+        want = []
+        for k, r in enumerate(rows):
+            m, p = from_raw(mraw[r : r + 1]), from_raw(praw[r : r + 1])
+            pred = net(x[images[k]] * (1 - m) + m * p).argmax(1)
+            want.append(float((pred == targets[r]).float().mean()) >= thr)
+        assert got.tolist() == want, thr
+        assert spent <= sum(len(v) for v in images) // 3
