@@ -110,6 +110,30 @@ def evaluate(e: dict[str, Any], methods: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _header() -> str:
+    import datetime
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    threads = os.environ.get("OMP_NUM_THREADS", "all")
+    return (
+        "# Mitigations measured with the TRUE triggers\n\n"
+        f"`OMP_NUM_THREADS={threads} python bench/patch_eval.py` on {cpu} (CPU), {datetime.date.today().isoformat()}. "
+        "Each infected fixture: a default scan, then `patch` with the REVERSED triggers of the flagged labels, one method "
+        "at a time (force-written so every method can be measured), then onnxruntime on the fixture's held-out test.npz "
+        "(2,000 images; cmnist: 500): clean accuracy, TRUE-trigger attack success, and for the filter its flag rate on clean "
+        "images (FPR) and the share of truly triggered images it does not flag (FNR). \"guard\" is the patch's own verdict "
+        "on its 60-image hold-out (reversed triggers). Acceptance for unlearning (issue #4): true-trigger attack success "
+        "<= 5% and a clean-accuracy drop <= 2 points on every fixture.\n\n"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixtures", default="")
@@ -136,7 +160,7 @@ def main() -> None:
         pr = "" if r.get("pruned_fraction") is None else f"{r['pruned_fraction']:.1%}"
         lines.append(f"| {r['fixture']} | {r['method']} | {r['flagged']} / {r['targets']} | {r['acc_before']:.2%} -> {r['acc_after']:.2%} | "
                      f"{asr if r['method'] != 'filter' else ''} | {fl} | {pr} | {'pass' if r['guard_passed'] else 'FAIL'} | {r['patch_s']} |")
-    (out / "patch_results.md").write_text("\n".join(lines) + "\n")
+    (out / "patch_results.md").write_text(_header() + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -83,7 +83,7 @@ def patch_cmd(
     report: Annotated[Optional[Path], typer.Option("--report", help="A scan's JSON report (ncscan scan -f json); default: scan here.")] = None,
     label: Annotated[Optional[list[int]], typer.Option("--label", help="Patch this label (repeatable); default: the flagged labels.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Unlearning epochs (each at least --min-steps optimizer steps).", min=1)] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="Unlearning learning rate (Adam).")] = 1e-3,
+    lr: Annotated[float, typer.Option("--lr", help="Unlearning learning rate (Adam).")] = 5e-4,
     min_steps: Annotated[int, typer.Option("--min-steps", help="Minimum optimizer steps per unlearning epoch.", min=1)] = 150,
     unlearn_rounds: Annotated[int, typer.Option("--unlearn-rounds", help="Unlearning rounds: after each, re-reverse the labels on the patched model and unlearn any working trigger still within 2x the original's L1 (1 = the paper's single round).", min=1)] = 1,
     fpr: Annotated[float, typer.Option("--fpr", help="Filter false-positive rate on new clean images (bounded with 90% confidence).")] = 0.05,

@@ -131,6 +131,44 @@ def test_unlearn_export_keeps_graph_and_parity(unlearned):
     json.dumps(d)
 
 
+def test_unlearn_adversarial_trigger_within_budget(unlearned, report):
+    from ncscan.scanner import decode_trigger
+
+    res, _ = unlearned
+    u = res.unlearn
+    assert u is not None and u["adv_steps"] > 0 and len(u["adversarial_l1"]) == 1
+    rev = next(lr for lr in json.loads(report.read_text())["labels"] if lr["label"] == TARGET)
+    l1 = decode_trigger(rev["trigger"]).l1
+    # the adversary starts at the reversed trigger and grows as the model stops responding
+    # (the L1 penalty is soft), but it stays a patch, not the whole image
+    assert l1 < u["adversarial_l1"][0] < 0.5 * 28 * 28
+
+
+def test_unlearn_unit_targets_and_grads():
+    from ncscan.mitigate.layers import Link
+    from ncscan.mitigate.unlearn import UnlearnConfig, unlearn
+    from ncscan.trigger import Trigger
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 3)).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(20, 1, 8, 8)
+    y = torch.randint(3, (20,))
+    mask = np.zeros((8, 8), np.float32)
+    mask[6:, 6:] = 1.0
+    trig = Trigger(mask=mask, pattern=np.ones((1, 8, 8), np.float32))
+    tr = {n: Link(n, n, "m", "Conv", "id", 1.0, True) for n, _ in net.named_parameters()}
+    cfg = UnlearnConfig(min_steps=3)
+    with pytest.raises(ValueError):
+        unlearn(net, net, x, y, [trig], tr, cfg, targets=[0, 1])
+    w0 = [p.clone() for p in net.parameters()]
+    st = unlearn(net, net, x, y, [trig], tr, cfg, targets=[0])
+    assert st["steps"] == 3 and len(st["adversarial_l1"]) == 1
+    assert any(not torch.equal(a, b) for a, b in zip(w0, net.parameters()))
+    assert all(not p.requires_grad and p.grad is None for p in net.parameters())
+
+
 def test_filter_wrapper(report, tmp_path):
     from ncscan.patch import patch
     from ncscan.serve import FilteredModel
