@@ -166,7 +166,7 @@ def unlearn(
     trainable: dict[str, Link],
     cfg: UnlearnConfig,
     *,
-    targets: Sequence[int] | None = None,
+    targets: Sequence[int],
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
@@ -179,8 +179,7 @@ def unlearn(
         triggers: the reversed triggers to unlearn.
         trainable: the tensors to train (named as in `named_tensors(net)`).
         cfg: hyperparameters.
-        targets: the target label of each trigger (for the adversarial triggers); None:
-            the original model's most frequent prediction on stamped patching images.
+        targets: the target label of each trigger (for the adversarial triggers).
         seed: seeds the batches, the stamping and the augmentation.
         device: where to train.
 
@@ -197,7 +196,7 @@ def unlearn(
     params = [tensors[k] for k in trainable]
     if not params:
         raise RuntimeError("no trainable tensors")
-    if targets is not None and len(targets) != len(triggers):
+    if len(targets) != len(triggers):
         raise ValueError(f"{len(targets)} targets for {len(triggers)} triggers")
     gen = torch.Generator().manual_seed(seed)
     masks = [torch.from_numpy(t.mask).to(dev) for t in triggers]
@@ -216,11 +215,6 @@ def unlearn(
             p.requires_grad_(False)
     with torch.no_grad():
         ref_logp = torch.cat([F.log_softmax(pm(x[i : i + 256].to(dev)) / temp, 1).cpu() for i in range(0, n, 256)], 0)
-        if targets is None:
-            targets = []
-            for m, p in zip(masks, pats):
-                pred = pm(x[:256].to(dev) * (1 - m) + m * p).argmax(1)
-                targets.append(int(torch.mode(pred.cpu()).values))
     advs = [_Adversary(masks[j], pats[j], int(targets[j]), cfg) for j in range(len(triggers))] if cfg.adv_steps > 0 else []
     opt = torch.optim.Adam(params, lr=cfg.lr)
     losses: list[float] = []
