@@ -90,7 +90,7 @@ def to_onnx(
     what = "H,W,C" if layout == "NHWC" else "C,H,W"
     shape = sample_shape_from(input_shape, what)
     if shape is None:
-        raise ConfigError(f"pass input_shape ({what}) for a JAX model, e.g. 28,28,1")
+        raise ConfigError(f"pass input_shape ({what}) for a JAX model, e.g. 28,28,1 (CLI: --input-shape)")
     fn = _as_function(model, params)
     target_opset = opset if opset is not None else DEFAULT_OPSET
 

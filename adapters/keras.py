@@ -96,7 +96,7 @@ def to_onnx(
     if shape is None:
         raise ConfigError(
             "the Keras model's input shape is unknown (not built, or dynamic H/W); "
-            "pass input_shape as H,W,C, e.g. 28,28,1"
+            "pass --input-shape H,W,C (Python: input_shape=), e.g. 28,28,1"
         )
     target_opset = opset if opset is not None else DEFAULT_OPSET
 

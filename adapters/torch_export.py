@@ -5,10 +5,12 @@ Named `torch_export` so that `import torch` inside this package can never resolv
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,19 @@ def _check_program_batch(ep: Any) -> None:
             return
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Raise the named loggers to ERROR for the duration (their levels are restored)."""
+    saved = [(lg, lg.level) for lg in (logging.getLogger(n) for n in names)]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
 def _run_export(
     torch: Any, model: Any, x: Any, tmp: Path, *, dynamo: bool, opset: int
 ) -> tuple[Any, list[str]]:
@@ -78,12 +93,15 @@ def _run_export(
             "external_data": False,
             "verbose": False,
         }
-        if isinstance(model, torch.export.ExportedProgram):
-            # A saved program has its shapes fixed at torch.export time (checked earlier
-            # that its batch is symbolic); export it as it is.
-            prog = torch.onnx.export(model, (), str(tmp), **kwargs)
-        else:
-            prog = torch.onnx.export(model, (x,), str(tmp), dynamic_shapes=({0: batch},), **kwargs)
+        # The dynamo exporter and onnxscript log their fallbacks (with tracebacks) even when
+        # they succeed; the exported graph is checked by complete_export either way.
+        with _quiet_loggers("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+            if isinstance(model, torch.export.ExportedProgram):
+                # A saved program has its shapes fixed at torch.export time (checked earlier
+                # that its batch is symbolic); export it as it is.
+                prog = torch.onnx.export(model, (), str(tmp), **kwargs)
+            else:
+                prog = torch.onnx.export(model, (x,), str(tmp), dynamic_shapes=({0: batch},), **kwargs)
         del prog
     else:
         if isinstance(model, torch.export.ExportedProgram):
@@ -161,7 +179,7 @@ def to_onnx(
         shape = _example_shape_from_program(model)
     if shape is None:
         raise ConfigError(
-            f"the model's input shape is unknown; pass input_shape ({what}), e.g. 3,224,224"
+            f"the model's input shape is unknown; pass --input-shape {what} (Python: input_shape=), e.g. 3,224,224"
         )
     if is_program:
         _check_program_batch(model)
@@ -190,7 +208,10 @@ def to_onnx(
             raise
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            hint = "try dynamo=False (--legacy)" if dynamo else "try dynamo=True"
+            hint = (
+                "check --input-shape; from Python, try dynamo=False" if dynamo
+                else "check --input-shape; from Python, try dynamo=True"
+            )
             raise ModelError(f"torch.onnx.export ({exporter}) failed: {first[:300]}; {hint}") from e
     return complete_export(
         proto,

@@ -15,6 +15,7 @@ import json
 import signal
 import sys
 import traceback
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -241,7 +242,7 @@ def scan_cmd(
     debug: DebugOpt = False,
 ) -> int:
     """Scan MODEL for backdoors (the default command: `ncscan MODEL --data DIR`)."""
-    from .io import atomic_write_text, check_output_path
+    from .io import atomic_write_text, check_output_path, refuse_inputs
     from .report import render_table, report_json, sarif_text, write_triggers
     from .scanner import scan
 
@@ -252,6 +253,7 @@ def scan_cmd(
     if output is not None:
         check_output_path(output, [model, data])
     if triggers is not None:
+        refuse_inputs(triggers, [model, data], writes_images=True)
         if triggers.exists() and not triggers.is_dir():
             raise OutputError(f"--triggers {triggers} exists and is not a directory")
         parent = triggers.parent if str(triggers.parent) else Path(".")
@@ -402,13 +404,20 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 def run(argv: Optional[list[str]] = None) -> int:
     """Run the CLI and return the exit code (never raises)."""
-    from typer import _click as click
+    try:  # typer >= 0.29 vendors click as typer._click (without Abort); older typers use click
+        from typer import _click as click
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        import click  # type: ignore[no-redef]
+    abort = getattr(click.exceptions, "Abort", KeyboardInterrupt)
 
     args = _route(list(sys.argv[1:] if argv is None else argv)) or ["--help"]
     if args[:1] == ["--version"]:
         sys.stdout.write(f"ncscan {__version__}\n")
         return 0
     debug = "--debug" in args
+    # onnx2torch's Slice converter warns on every forward pass under torch >= 2.9; the
+    # parity check already decides whether the converted graph is the model.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"onnx2torch\.")
     _install_sigterm()
     command = typer.main.get_command(app)
     try:
@@ -429,10 +438,7 @@ def run(argv: Optional[list[str]] = None) -> int:
     except click.exceptions.ClickException as e:
         sys.stderr.write(f"ncscan: error: {e.format_message()}\n")
         return EXIT_USAGE
-    except click.exceptions.Abort:
-        sys.stderr.write("ncscan: interrupted; no output was written\n")
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, abort):
         sys.stderr.write("ncscan: interrupted; no output was written\n")
         return EXIT_INTERRUPTED
     except MemoryError:

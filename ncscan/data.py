@@ -158,6 +158,22 @@ def _read_label_map(path: Path) -> dict[str, int]:
     return {n: i for i, n in enumerate(names)}
 
 
+def check_labels(y: np.ndarray | None, num_classes: int, source: str) -> None:
+    """Raise DataError unless every label is a class index of the model (0..num_classes-1)."""
+    if y is None or y.size == 0:
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo >= 0 and hi < num_classes:
+        return
+    fix = (
+        "fix its 'y' array" if source.lower().endswith(".npz")
+        else "pass --labels FILE to map folder names to class indices"
+    )
+    raise DataError(
+        f"data {source} has labels {lo}..{hi} but the model's classes are 0..{num_classes - 1}; {fix}"
+    )
+
+
 def load_data(
     path: str | os.PathLike[str],
     *,
@@ -200,13 +216,8 @@ def load_data(
     else:
         ds = _load_folder(p, channels, labels_file, size)
     ds = _fit_size(ds, size)
-    if num_classes is not None and ds.y is not None:
-        bad = ds.y[(ds.y < 0) | (ds.y >= num_classes)]
-        if bad.size:
-            raise DataError(
-                f"data in {p} has labels up to {int(ds.y.max())} but the model has "
-                f"{num_classes} outputs; pass --labels FILE to map folder names, or check --data"
-            )
+    if num_classes is not None:
+        check_labels(ds.y, num_classes, str(p))
     if len(ds) < min_images:
         raise DataError(
             f"data in {p} has {len(ds)} usable image(s); ncscan needs at least {min_images} "
@@ -283,6 +294,15 @@ def _load_folder(
     flat = _list_images(p)
     items: list[tuple[Path, int | None]] = []
     class_names: list[str] | None = None
+    empty_classes: list[str] = []
+    if subdirs and flat:
+        with_images = [d.name for d in subdirs if _list_images(d)]
+        if with_images:
+            raise DataError(
+                f"data folder {p} has {len(flat)} image(s) at its top level and class folder(s) "
+                f"{', '.join(with_images[:5])}; move every image into a class folder, or pass a "
+                "folder of images only"
+            )
     if subdirs and not flat:
         names = [d.name for d in subdirs]
         if labels_file is not None:
@@ -299,7 +319,10 @@ def _load_folder(
             mapping = {n: i for i, n in enumerate(sorted(names))}
         class_names = [n for n, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
         for d in subdirs:
-            for f in _list_images(d):
+            found = _list_images(d)
+            if not found:
+                empty_classes.append(d.name)
+            for f in found:
                 items.append((f, mapping[d.name]))
     elif flat:
         items = [(f, None) for f in flat]
@@ -332,6 +355,11 @@ def _load_folder(
         if lab is not None:
             labels.append(lab)
     warns: list[str] = []
+    if empty_classes and items:
+        warns.append(
+            f"class folder(s) {', '.join(empty_classes[:5])} in {p} have no images directly inside "
+            "(nested folders are not read); those classes are not used"
+        )
     if bad:
         warns.append(
             f"skipped {len(bad)} unreadable image(s) in {p} (e.g. {', '.join(bad[:3])})"
@@ -385,7 +413,11 @@ def _fit_size(ds: Dataset, size: tuple[int | None, int | None]) -> Dataset:
             n_resized += 1
         out.append(a)
     if n_resized:
-        ds.warnings.append(f"resized {n_resized} image(s) to the model's {h}x{w} input")
+        to = (
+            f"the model's {h}x{w} input" if size[0] and size[1]
+            else f"{h}x{w} (the model takes any size; the first image's size was used)"
+        )
+        ds.warnings.append(f"resized {n_resized} image(s) to {to}")
     ds.x = np.ascontiguousarray(np.stack(out, 0))
     del ds._raw  # type: ignore[attr-defined]
     if hasattr(ds, "_resized"):

@@ -24,8 +24,8 @@ import torch
 from onnx import numpy_helper
 
 from . import __version__
-from .errors import ModelError, OutputError
-from .io import atomic_write_bytes
+from .errors import ModelError
+from .io import atomic_write_bytes, refuse_inputs
 from .mitigate.layers import Link, named_tensors
 from .model import MAX_ORT_IR, OnnxModel, Parity, check_parity
 
@@ -202,13 +202,9 @@ def serialize(proto: onnx.ModelProto, path: Path) -> tuple[bytes, bytes | None]:
 
 def write(path: Path, model_bytes: bytes, data_bytes: bytes | None, inputs: list[Path]) -> None:
     """Atomic write; never onto an input."""
-    for i in inputs:
-        try:
-            if path.resolve() == Path(i).resolve():
-                raise OutputError(f"output {path} is the input model {i}; choose another -o")
-        except OSError:
-            pass
+    refuse_inputs(path, inputs)
     if data_bytes is not None:
+        refuse_inputs(path.parent / (path.name + ".data"), inputs)
         atomic_write_bytes(path.parent / (path.name + ".data"), data_bytes)
     atomic_write_bytes(path, model_bytes)
 

@@ -4,24 +4,71 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import OutputError
 
 
-def check_output_path(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] = ()) -> Path:  # type: ignore[assignment]
+def _external_data_files(model: Path) -> list[Path]:
+    """The side files an .onnx model keeps its weights in (best effort; [] if unreadable)."""
+    files = [model.with_name(model.name + ".data")]
+    try:
+        import onnx
+        from onnx.external_data_helper import _get_all_tensors
+
+        m = onnx.load(str(model), load_external_data=False)
+        for t in _get_all_tensors(m):
+            for kv in t.external_data:
+                if kv.key == "location" and kv.value:
+                    files.append(model.parent / kv.value)
+    except Exception:  # not a readable model: the scan itself will say so
+        pass
+    return files
+
+
+def refuse_inputs(
+    path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], *, writes_images: bool = False
+) -> None:
+    """Raise OutputError when writing `path` would overwrite or pollute an input: a model, its
+    external-data files, a data file, or an image (or, with `writes_images`, a folder of
+    images) inside a data folder, which the next scan would read as clean data."""
+    from .data import IMAGE_EXTS
+
+    try:
+        out = Path(path).resolve()
+    except OSError:
+        return
+    for i in inputs:
+        if i is None:
+            continue
+        try:
+            src = Path(i).resolve()
+            if src.is_dir():
+                inside = out == src or src in out.parents
+                if inside and (writes_images or out.suffix.lower() in IMAGE_EXTS | {".npz"}):
+                    raise OutputError(
+                        f"output {path} is inside the data folder {i}, where the next scan would read it "
+                        "as clean data; write it somewhere else"
+                    )
+                continue
+            protected = [src] + (_external_data_files(src) if src.suffix.lower() == ".onnx" else [])
+            for f in protected:
+                if out == f.resolve():
+                    what = "the input" if f == src else f"the weights file of the input model {i}:"
+                    raise OutputError(f"output {path} is {what} {f if f != src else i}; choose another output path")
+        except OSError:
+            continue
+
+
+def check_output_path(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
     """Validate an output path before any work is done.
 
     Raises:
-        OutputError: the directory is missing or not writable, or the path is an input.
+        OutputError: the directory is missing or not writable, or the path is (part of) an input.
     """
     p = Path(path)
-    for i in inputs:
-        try:
-            if p.resolve() == Path(i).resolve():
-                raise OutputError(f"output {p} is the input {i}; choose another output path")
-        except OSError:
-            pass
+    refuse_inputs(p, inputs)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise OutputError(f"output directory {parent} does not exist; create it first")

@@ -213,6 +213,12 @@ def load_onnx(path: str | os.PathLike[str], layout: str | None = None) -> OnnxMo
         raise ModelError(
             f"model input '{vi.name}' is not a float tensor; ncscan needs a float image input"
         )
+    if vi.type.tensor_type.elem_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+        raise ModelError(
+            f"model input '{vi.name}' is {TensorProto.DataType.Name(vi.type.tensor_type.elem_type).lower()}; "
+            "ncscan needs a float32 input: re-export the model in float32 (torch: model.float() "
+            "before torch.onnx.export)"
+        )
     dims = _dims(vi)
     if len(dims) != 4:
         raise ModelError(
@@ -400,6 +406,29 @@ def unsupported_ops(proto: onnx.ModelProto) -> list[str]:
     return sorted(missing)
 
 
+def fold_initializer_identities(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy of `proto` where every `Identity` of an initializer is replaced by an
+    initializer of its own (None when there is none). torch's TorchScript exporter shares
+    identical weights (e.g. all-zero biases, default BatchNorm statistics) through such
+    Identity nodes, and onnx2torch then cannot find the weight of the second layer."""
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    fold = [i for i, n in enumerate(g.node) if n.op_type == "Identity" and len(n.input) == 1
+            and n.input[0] in inits and n.output[0] not in outputs]
+    if not fold:
+        return None
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for i in fold:
+        t = out.graph.initializer.add()
+        t.CopyFrom(inits[g.node[i].input[0]])
+        t.name = g.node[i].output[0]
+    for i in reversed(fold):
+        del out.graph.node[i]
+    return out
+
+
 def convert(model: OnnxModel) -> torch.nn.Module:
     """Convert to a torch module with onnx2torch (plus ncscan's converters).
 
@@ -438,9 +467,25 @@ def convert(model: OnnxModel) -> torch.nn.Module:
                     proto = onnx.ModelProto()
                     proto.CopyFrom(model.proto)
                     proto.ir_version = ir
-                net = o2t_convert(proto)
+                try:
+                    net = o2t_convert(proto)
+                except KeyError:
+                    # Weights shared through Identity nodes (see fold_initializer_identities):
+                    # only then convert a folded copy, so models that convert as they are
+                    # keep their initializer names for writing patched weights back.
+                    folded = fold_initializer_identities(proto)
+                    if folded is None:
+                        raise
+                    net = o2t_convert(folded)
     except NotImplementedError as e:
-        raise UnsupportedOpsError([str(e)]) from e
+        text = " ".join(str(e).split())
+        if "BatchNorm" in text and "mean/var" in text:
+            hint = "the model was exported in training mode: export it after model.eval()"
+        elif "auto_pad" in text:
+            hint = "re-export with explicit padding (a fixed input size lets exporters compute it)"
+        else:
+            hint = "re-export at opset 17 or open an issue with this message"
+        raise UnsupportedOpsError([text], hint=hint) from e
     except ModelError:
         raise
     except Exception as e:

@@ -89,6 +89,15 @@ def test_integer_input(images: Path, workdir: Path, capsys: pytest.CaptureFixtur
     assert "not a float" in _err_line(capsys)
 
 
+def test_float16_input_refused_with_fix(images: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    m = tiny.graph_with(workdir / "half.onnx", [("x", TensorProto.FLOAT16, ["N", 1, 8, 8])],
+                        [("y", TensorProto.FLOAT16, ["N", 64])],
+                        [helper.make_node("Flatten", ["x"], ["y"])])
+    assert _scan_rc(m, images) == 2
+    line = _err_line(capsys)
+    assert "float16" in line and "float32" in line
+
+
 def test_output_not_class_scores(images: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     m = tiny.graph_with(workdir / "seg.onnx", [("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
                         [("y", TensorProto.FLOAT, ["N", 1, 8, 8])], [helper.make_node("Relu", ["x"], ["y"])])
@@ -427,7 +436,7 @@ def test_class_folders_beyond_model_outputs(workdir: Path, capsys: pytest.Captur
     d = tiny.write_images(workdir / "many", n=20, classes=5)
     assert _scan_rc(m, d) == 2
     line = _err_line(capsys)
-    assert "3 outputs" in line and "--labels" in line
+    assert "0..2" in line and "--labels" in line
 
 
 def test_mixed_sizes_modes_and_16bit(workdir: Path) -> None:
@@ -456,6 +465,8 @@ def test_mixed_sizes_modes_and_16bit(workdir: Path) -> None:
         ({"x": np.full((12, 8, 8), 3.0, np.float32)}, "[0,1]"),
         ({"x": np.zeros((12, 8, 8), np.uint8), "y": np.zeros(5, np.int64)}, "labels"),
         ({"x": np.zeros((12, 8), np.uint8)}, "shape"),
+        ({"x": np.zeros((12, 8, 8), np.uint8), "y": np.full(12, -1, np.int64)}, "-1..-1"),
+        ({"x": np.zeros((12, 8, 8), np.uint8), "y": np.arange(12, dtype=np.int64)}, "fix its 'y'"),
     ],
 )
 def test_bad_npz(arrays: dict, needle: str, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -580,3 +591,109 @@ def test_fuzz_image_loader(blob: bytes, ext: str, tmp_path: Path) -> None:
 
 
 _ = (ModelError,)
+
+
+def test_internal_error_is_exit_3_one_line(
+    images: Path, workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug must never exit 1 (which means "backdoor") or print a traceback without --debug."""
+    import ncscan.scanner
+
+    def boom(*_a: object, **_k: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(ncscan.scanner, "scan", boom)
+    m = tiny.linear_classifier(workdir / "m.onnx")
+    assert _scan_rc(m, images) == 3
+    line = _err_line(capsys)
+    assert "internal error" in line and "simulated bug" in line and "--debug" in line
+
+
+def test_five_dim_weight_scans(images: Path, workdir: Path) -> None:
+    """A parameter that is not 4-D cannot be channels_last; the scan falls back to NCHW."""
+    import torch
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.g = torch.nn.Parameter(torch.rand(1, 2, 2, 1, 1) + 0.5)
+            self.fc = torch.nn.Linear(4, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = torch.relu(self.conv(x))
+            n, c, h, w = z.shape
+            z = (z.reshape(n, 2, 2, h, w) * self.g).reshape(n, c, h, w)
+            return self.fc(z.mean((2, 3)))
+
+    path = workdir / "five_d.onnx"
+    torch.onnx.export(
+        M().eval(), torch.rand(2, 1, 8, 8), str(path), dynamo=False, opset_version=17,
+        input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+    )
+    assert _scan_rc(path, images, "--max-steps", "2", "--exit-zero") == 0
+
+
+@pytest.mark.parametrize("target", ["weights", "image", "folder", "triggers-in-data"])
+def test_outputs_never_land_on_inputs(
+    target: str, images: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-o / --triggers must not overwrite a model's weights file or an input image, nor write
+    into the data folder (the next scan would read it)."""
+    m = tiny.linear_classifier(workdir / "ext.onnx")
+    onnx.save_model(onnx.load(str(m)), str(m), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    first_image = sorted(p for p in images.rglob("*.png"))[0]
+    before = {p: p.read_bytes() for p in [workdir / "weights.bin", first_image]}
+    extra = {
+        "weights": ["-o", str(workdir / "weights.bin")],
+        "image": ["-o", str(first_image)],
+        "folder": ["-o", str(images / "report.png")],
+        "triggers-in-data": ["--triggers", str(images / "trig")],
+    }[target]
+    assert _scan_rc(m, images, *extra) == 2
+    line = _err_line(capsys)
+    assert ("weights file" in line) if target == "weights" else ("data folder" in line)
+    assert all(p.read_bytes() == b for p, b in before.items())
+    assert not (images / "report.png").exists() and not (images / "trig").exists()
+
+
+def test_shared_weights_from_torchscript_export_scan(images: Path, workdir: Path) -> None:
+    """torch's TorchScript exporter shares identical initializers (here two all-zero biases)
+    through Identity nodes, which onnx2torch alone cannot convert."""
+    import torch
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10),
+    ).eval()
+    with torch.no_grad():
+        net[0].bias.zero_()
+        net[2].bias.zero_()
+    path = workdir / "shared.onnx"
+    torch.onnx.export(net, torch.rand(2, 1, 8, 8), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    assert any(n.op_type == "Identity" for n in onnx.load(str(path)).graph.node)
+    assert _scan_rc(path, images, "--max-steps", "2", "--exit-zero") == 0
+
+
+def test_images_beside_class_folders_refused(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    d = tiny.write_images(workdir / "mixed", n=12, classes=2)
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(d / f"top{i}.png")
+    m = tiny.linear_classifier(workdir / "m.onnx")
+    assert _scan_rc(m, d) == 2
+    line = _err_line(capsys)
+    assert "top level" in line and "class folder" in line
+
+
+def test_class_folder_without_direct_images_warns(workdir: Path) -> None:
+    d = tiny.write_images(workdir / "nested", n=12, classes=3)
+    (d / "0").rename(d / "zero_tmp")
+    (d / "0").mkdir()
+    (d / "zero_tmp").rename(d / "0" / "sub")
+    ds = load_data(d, channels=1, size=(8, 8), min_images=1)
+    assert 0 not in set(ds.y.tolist())
+    assert any("nested folders are not read" in w for w in ds.warnings)

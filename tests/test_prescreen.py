@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ncscan.scanner import PRESCREEN_KEEP_MIN, PRESCREEN_SAMPLE, prescreen_sample_size, scan
+from ncscan.scanner import PRESCREEN_KEEP_MIN, PRESCREEN_SAMPLE, prescreen_keep_size, prescreen_sample_size, scan
 
 from . import tiny
 
@@ -18,8 +18,9 @@ def test_prescreen_optimises_a_subset_and_reports_all(workdir: Path) -> None:
     r = scan(m, d, device="cpu", prescreen="on", schedule="fast", seed=0)
     assert len(r.labels) == 80
     full = [x for x in r.labels if not x.screened_out]
-    assert PRESCREEN_KEEP_MIN <= len(full) <= PRESCREEN_KEEP_MIN + prescreen_sample_size(80)
+    assert prescreen_keep_size(80) <= len(full) <= prescreen_keep_size(80) + prescreen_sample_size(80)
     assert all(not x.flagged for x in r.labels if x.screened_out)
+    assert all(0.0 <= x.attack_success <= 1.0 for x in r.labels)
     # Screened-out labels got only the short stage-1 budget.
     assert max(x.steps for x in r.labels if x.screened_out) <= 20
 
@@ -29,3 +30,12 @@ def test_prescreen_sample_grows_with_labels() -> None:
     assert prescreen_sample_size(1000) == 100
     assert prescreen_sample_size(2622) == 256
     assert prescreen_sample_size(10) == 10
+
+
+def test_prescreen_suspects_grow_like_sqrt() -> None:
+    assert prescreen_keep_size(10) == 8
+    assert prescreen_keep_size(5) == 5
+    assert prescreen_keep_size(80) == 9
+    assert prescreen_keep_size(1000) == 32
+    assert prescreen_keep_size(10_000) == 100
+    assert all(prescreen_keep_size(n) >= min(n, PRESCREEN_KEEP_MIN) for n in range(1, 200))
