@@ -52,11 +52,13 @@ def refuse_inputs(
                         "as clean data; write it somewhere else"
                     )
                 continue
-            protected = [src] + (_external_data_files(src) if src.suffix.lower() == ".onnx" else [])
-            for f in protected:
-                if out == f.resolve():
-                    what = "the input" if f == src else f"the weights file of the input model {i}:"
-                    raise OutputError(f"output {path} is {what} {f if f != src else i}; choose another output path")
+            if out == src:
+                raise OutputError(f"output {path} is the input {i}; choose another output path")
+            side = _external_data_files(src) if src.suffix.lower() == ".onnx" else []
+            if any(out == f.resolve() for f in side):
+                raise OutputError(
+                    f"output {path} is the weights file of the input model {i}; choose another output path"
+                )
         except OSError:
             continue
 

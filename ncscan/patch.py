@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import ConfigError, ConversionMismatchError, ModelError, OutputError
+from .errors import ConfigError, ConversionMismatchError, ModelError
 from .io import check_output_path
 from .mitigate.filter import FilterProfile, add_filter, calibrate, choose_neurons, rates, standardise
 from .mitigate.layers import activations, capture, find_layer, tensor_links, trainable_links
@@ -285,12 +285,7 @@ def patch(
     out_path: Path | None = None
     if output is not None:
         ins: list[Any] = [model] + ([data] if isinstance(data, (str, os.PathLike)) else [])
-        out_path = check_output_path(output, ins)
-        try:
-            if Path(model).exists() and out_path.resolve() == Path(model).resolve():
-                raise OutputError(f"output {out_path} is the input model; choose another -o")
-        except OSError:
-            pass
+        out_path = check_output_path(output, ins)  # never the model, its weights file or the data
     pre_kw: dict[str, Any] = dict(
         pixel_range=pixel_range, mean=mean, std=std, channel_order=channel_order, layout=layout,
         labels_file=labels_file, max_images=max_images,
