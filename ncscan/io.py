@@ -15,13 +15,10 @@ def _external_data_files(model: Path) -> list[Path]:
     files = [model.with_name(model.name + ".data")]
     try:
         import onnx
-        from onnx.external_data_helper import _get_all_tensors
 
-        m = onnx.load(str(model), load_external_data=False)
-        for t in _get_all_tensors(m):
-            for kv in t.external_data:
-                if kv.key == "location" and kv.value:
-                    files.append(model.parent / kv.value)
+        from .model import external_locations
+
+        files += [model.parent / loc for loc in external_locations(onnx.load(str(model), load_external_data=False))]
     except Exception:  # not a readable model: the scan itself will say so
         pass
     return files

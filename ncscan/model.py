@@ -300,14 +300,7 @@ def _staged(model: OnnxModel, ir_version: int | None = None) -> Iterator[Path]:
             hdr.ir_version = ir_version
         dst = Path(td) / "model.onnx"
         onnx.save_model(hdr, str(dst))
-        locs = {
-            kv.value
-            for t in _all_tensors(model.proto)
-            if t.data_location == TensorProto.EXTERNAL
-            for kv in t.external_data
-            if kv.key == "location"
-        }
-        for loc in sorted(locs):
+        for loc in sorted(external_locations(model.proto)):
             src, tgt = model.path.parent / loc, Path(td) / loc
             tgt.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -318,6 +311,17 @@ def _staged(model: OnnxModel, ir_version: int | None = None) -> Iterator[Path]:
                     f"({e.strerror}); free that much space there or point TMPDIR elsewhere"
                 ) from e
         yield dst
+
+
+def external_locations(proto: onnx.ModelProto) -> set[str]:
+    """The side files (relative to the model) that hold its external-data tensors."""
+    return {
+        kv.value
+        for t in _all_tensors(proto)
+        if t.data_location == TensorProto.EXTERNAL
+        for kv in t.external_data
+        if kv.key == "location"
+    }
 
 
 def _all_tensors(proto: onnx.ModelProto) -> list[TensorProto]:
