@@ -11,7 +11,6 @@ import importlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -527,24 +526,10 @@ def verify_parity(
 
 
 def save_atomic(proto: Any, output: Path) -> None:
-    """Write the proto as one file via a temp file in the same directory + os.replace."""
-    data = proto.SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write the proto as one file, atomically, with the user's file mode (ncscan.io's writer)."""
+    from ncscan.io import atomic_write_bytes
+
+    atomic_write_bytes(output, proto.SerializeToString())
 
 
 def complete_export(

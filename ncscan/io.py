@@ -80,12 +80,51 @@ def check_output_path(path: str | os.PathLike[str], inputs: Iterable[str | os.Pa
     return p
 
 
+def _proc_umask() -> int | None:
+    """The umask from /proc/self/status (Linux >= 4.7), or None where it is not published."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _import_umask() -> int:
+    # os.umask() can only be read by setting it, which is process-global and races with
+    # threads creating files; done once, at import, and only where /proc has no answer.
+    mask = _proc_umask()
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _import_umask()
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file now: 0o666 minus the umask
+    (read live from /proc where possible, else as it was when ncscan was imported)."""
+    mask = _proc_umask()
+    return 0o666 & ~(_UMASK_AT_IMPORT if mask is None else mask)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file + fsync + rename)."""
+    """Write `data` to `path` atomically (temp file + fsync + rename).
+
+    The file gets the mode a normal write would give it (0o666 minus the user's umask):
+    mkstemp creates its temp file 0600, which another user (a serving container, a CI step)
+    could not read. This is the one writer of every file ncscan produces (reports, trigger
+    images, patched and exported models).
+    """
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent or "."))
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -99,4 +138,5 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """`atomic_write_bytes` of UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))

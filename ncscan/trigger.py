@@ -61,7 +61,14 @@ class Trigger:
         return {"mask_l1": self.l1, "shape": list(self.pattern.shape)}
 
     def save(self, path: str) -> None:
-        np.savez_compressed(path, mask=self.mask.astype(np.float32), pattern=self.pattern.astype(np.float32))
+        """Write mask and pattern as a float32 .npz (atomically, with the user's file mode)."""
+        import io
+
+        from .io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, mask=self.mask.astype(np.float32), pattern=self.pattern.astype(np.float32))
+        atomic_write_bytes(path if str(path).endswith(".npz") else f"{path}.npz", buf.getvalue())
 
     @staticmethod
     def load(path: str) -> Trigger:
