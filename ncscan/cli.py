@@ -75,7 +75,11 @@ class Schedule(str, Enum):
 def _stderr_console(quiet: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=True, quiet=quiet, highlight=False, soft_wrap=False)
+    c = Console(stderr=True, quiet=quiet, highlight=False, soft_wrap=False)
+    # In a CI log or a file a message stays one line, however long (grep-able); tables
+    # still fit the width.
+    c.soft_wrap = not c.is_terminal
+    return c
 
 
 def _floats(text: Optional[str], what: str, n: Optional[int] = None) -> Optional[tuple[float, ...]]:
@@ -243,7 +247,7 @@ def scan_cmd(
 ) -> int:
     """Scan MODEL for backdoors (the default command: `ncscan MODEL --data DIR`)."""
     from .io import atomic_write_text, check_output_path, refuse_inputs
-    from .report import render_table, report_json, sarif_text, write_triggers
+    from .report import render_table, render_verdict, report_json, sarif_text, write_triggers
     from .scanner import scan
 
     err = _stderr_console(quiet)
@@ -317,8 +321,13 @@ def scan_cmd(
         else:
             sys.stdout.write(text)
             sys.stdout.flush()
-            if not quiet and err.is_terminal:
-                render_table(report, err)
+            if not quiet:
+                if err.is_terminal:
+                    render_table(report, err)
+                else:  # a CI log: the warnings and the one-line verdict, not the whole table
+                    for w in report.warnings:
+                        err.print(f"warning: {w}")
+                    render_verdict(report, err)
     if exit_zero:
         return EXIT_CLEAN
     return {"clean": EXIT_CLEAN, "backdoor": EXIT_BACKDOOR}.get(report.verdict, EXIT_INCONCLUSIVE)
@@ -387,6 +396,28 @@ from .cli_many import scan_many_cmd  # noqa: E402
 app.command("scan-many")(scan_many_cmd)
 
 
+# Frameworks that log or warn on stderr on their own (deprecations, oneDNN/absl notices,
+# torch.export's failed-load tracebacks): outside --debug their lines must not precede or
+# bury ncscan's own one-line messages.
+_NOISY = r"(torch|torchvision|tensorflow|tf_keras|keras|tf2onnx|onnxscript|onnx2torch|jax|jaxlib|flax|absl|triton)(\.|$)"
+
+
+def _quiet_frameworks() -> None:
+    """Silence framework log noise before anything imports them (env) or, when one is
+    already imported, through its logger. Values the user set are kept."""
+    import logging
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ INFO/WARNING (oneDNN, cuda) lines
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    if "torch" not in sys.modules:
+        os.environ.setdefault("TORCH_LOGS", "-torch")  # torch's own loggers at ERROR
+    for name in ("torch", "tensorflow", "absl", "tf2onnx", "onnxscript", "jax", "keras"):
+        lg = logging.getLogger(name)
+        if lg.level < logging.ERROR:
+            lg.setLevel(logging.ERROR)
+
+
 def _route(argv: list[str]) -> list[str]:
     """`ncscan MODEL ...` means `ncscan scan MODEL ...`."""
     if not argv:
@@ -419,9 +450,15 @@ def run(argv: Optional[list[str]] = None) -> int:
     # parity check already decides whether the converted graph is the model.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"onnx2torch\.")
     _install_sigterm()
+    if not debug:
+        _quiet_frameworks()
     command = typer.main.get_command(app)
     try:
-        rv = command.main(args=args, prog_name="ncscan", standalone_mode=False)
+        with warnings.catch_warnings():
+            if not debug:
+                for cat in (FutureWarning, DeprecationWarning, UserWarning):
+                    warnings.filterwarnings("ignore", category=cat, module=_NOISY)
+            rv = command.main(args=args, prog_name="ncscan", standalone_mode=False)
     except NcscanError as e:
         if debug:
             traceback.print_exc()

@@ -205,6 +205,36 @@ def _half_block_preview(r: LabelResult, max_width: int = 32) -> Any:
     return text
 
 
+ASCII_RAMP = " .:-=+*#%@"  # dark -> bright
+
+
+def _ascii_preview(r: LabelResult, max_width: int = 32) -> str:
+    """mask x pattern as ASCII greyscale (for logs and files: no colours, no block glyphs).
+
+    A character is about twice as tall as wide, so each one covers a block of `step` pixels
+    across and 2*`step` down (block means of the luminance)."""
+    img = trigger_images(r)["trigger"].astype(np.float32)
+    lum = img[:, :, 0] if img.shape[2] == 1 else img[:, :, :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+    h, w = lum.shape
+    step = max(1, int(np.ceil(w / max_width)))
+    rows, cols = int(np.ceil(h / (2 * step))), int(np.ceil(w / step))
+    pad = np.zeros((rows * 2 * step, cols * step), np.float32)
+    pad[:h, :w] = lum
+    blocks = pad.reshape(rows, 2 * step, cols, step).mean(axis=(1, 3)) / 255.0
+    idx = np.clip(np.round(blocks * (len(ASCII_RAMP) - 1)), 0, len(ASCII_RAMP) - 1).astype(int)
+    return "\n".join("".join(ASCII_RAMP[i] for i in row) for row in idx)
+
+
+def trigger_preview(r: LabelResult, console: Any) -> Any:
+    """Coloured half blocks on a terminal; ASCII greyscale anywhere else (CI logs, `-o
+    report.txt`), where colour codes are dropped and the blocks would all look the same."""
+    if getattr(console, "is_terminal", False):
+        return _half_block_preview(r)
+    from rich.text import Text
+
+    return Text(_ascii_preview(r))
+
+
 def render_table(report: ScanReport, console: Any, show_all_previews: bool = False) -> None:
     """The human report on a rich console."""
     from rich.panel import Panel
@@ -241,11 +271,16 @@ def render_table(report: ScanReport, console: Any, show_all_previews: bool = Fal
         r = report.by_label[lab]
         console.print(
             Panel(
-                _half_block_preview(r),
+                trigger_preview(r, console),
                 title=f"label {lab} reversed trigger (mask × pattern)",
                 expand=False,
             )
         )
+    render_verdict(report, console)
+
+
+def render_verdict(report: ScanReport, console: Any) -> None:
+    """The one-line verdict (the CLI's last line on stderr, also when JSON/SARIF go to stdout)."""
     if report.verdict == "backdoor":
         labs = ", ".join(str(v) for v in report.flagged)
         console.print(f"[bold red]BACKDOOR[/] suspected: label(s) {labs} (anomaly index > {report.threshold:g})")

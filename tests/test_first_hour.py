@@ -105,3 +105,46 @@ def test_patch_output_and_report_respect_umask(report7: Path, tmp_path: Path) ->
 def test_adapters_use_the_package_writer() -> None:
     src = (ROOT / "adapters" / "_common.py").read_text()
     assert "mkstemp" not in src and "os.umask" not in src
+
+
+# ------------------------------------------------------------------ 4. output meant for CI logs
+
+
+def test_json_to_a_pipe_keeps_the_verdict_on_stderr(short_scan: dict[str, Any]) -> None:
+    assert short_scan["rc"] == 4
+    rep = json.loads(short_scan["out"])  # stdout: exactly the JSON document
+    lines = [ln for ln in short_scan["err"].splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("INCONCLUSIVE: ") and rep["reasons"][0] in " ".join(lines[-3:])
+    assert "┃" not in short_scan["err"]  # the verdict, not the whole table
+
+
+def test_table_outside_a_terminal_is_ascii(tmp_path: Path) -> None:
+    """In a CI log and in `-o report.txt` the trigger preview is ASCII greyscale: the 4x4
+    white square of mnist_badnets_square shows as bright characters on blank ones."""
+    out = tmp_path / "report.txt"
+    with _umask(UMASK):
+        rc, _, err = _run([str(SQUARE), "--data", str(SCAN), "-o", str(out), "--device", "cpu"])
+    assert rc == 1, err
+    assert oct(_mode(out)) == oct(0o666 & ~UMASK)
+    for text in (out.read_text(), err):
+        assert "▀" not in text and "\x1b[" not in text
+        panel = text.split("reversed trigger", 1)[1]
+        rows = [ln for ln in panel.splitlines() if ln.startswith("│")]
+        assert any(ch in "".join(rows) for ch in "#%@"), text
+
+
+def test_framework_log_noise_is_silenced(tmp_path: Path) -> None:
+    """torch's deprecation warnings and exporter notices do not reach the user's stderr."""
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10)).eval()
+    ts = tmp_path / "m_ts.pt"
+    torch.jit.script(net).save(str(ts))
+    p = subprocess.run(
+        [sys.executable, "-m", "ncscan", "export", "--from", "torch", str(ts), "-o", str(tmp_path / "m.onnx"),
+         "--input-shape", "1,28,28"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert lines and all(ln.startswith(("wrote ", "warning:")) for ln in lines), p.stderr
