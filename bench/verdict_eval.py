@@ -1,0 +1,300 @@
+"""Evaluate the scan's decision on the evaluation set (bench/evalset, built into bench/.evalset).
+
+Two modes:
+
+  collect  For each model of a split, prepare it once and reverse EVERY label in R independent
+           runs (seeds 0..R-1, the default optimiser). Stores per-label L1, success, steps and
+           masks in bench/.evalset/evidence/<model>.npz. This is the raw material for choosing
+           the decision on the TUNING split offline (`replay`), without re-optimising.
+  replay   Apply ncscan.decide to stored evidence, simulating the scan's restart policy
+           (phase 1 = run j, restarts of suspects = the other runs) for every j.
+  scan     Run the real default `ncscan.scan` with several seeds on a split and write
+           bench/verdict_results.{md,json} (verdicts, margins, flips, passes, wall time).
+
+  python bench/verdict_eval.py collect --split tuning --runs 3
+  python bench/verdict_eval.py replay --split tuning
+  python bench/verdict_eval.py scan --split heldout --seeds 0,1,2,3,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+EVAL = HERE / ".evalset"
+EVIDENCE = EVAL / "evidence"
+
+
+def load_manifest(split: str | None, names: list[str] | None = None) -> list[dict[str, Any]]:
+    models = json.loads((EVAL / "manifest.json").read_text())["models"]
+    if split:
+        models = [m for m in models if m["split"] in split.split(",")]
+    if names:
+        models = [m for m in models if m["name"] in names]
+    return models
+
+
+def scan_kwargs(entry: dict[str, Any]) -> dict[str, Any]:
+    """The entry's CLI preprocessing args as `ncscan.scan` keyword arguments."""
+    args = list(entry.get("scan_args", []))
+    kw: dict[str, Any] = {}
+    it = iter(args)
+    for a in it:
+        if a == "--pixel-range":
+            kw["pixel_range"] = [float(v) for v in next(it).split(",")]
+        elif a == "--mean":
+            kw["mean"] = [float(v) for v in next(it).split(",")]
+        elif a == "--std":
+            kw["std"] = [float(v) for v in next(it).split(",")]
+        elif a == "--layout":
+            kw["layout"] = next(it)
+        elif a == "--bgr":
+            kw["channel_order"] = "BGR"
+        elif a == "--labels":
+            kw["labels_file"] = str(EVAL / next(it))
+        else:
+            raise SystemExit(f"{entry['name']}: unsupported scan arg {a}")
+    return kw
+
+
+def collect(entry: dict[str, Any], runs: int) -> Path:
+    """Reverse every label in `runs` independent runs; store the evidence."""
+    from ncscan.reverse import attack_success, preset, reverse_engineer
+    from ncscan.scanner import prepare
+
+    out = EVIDENCE / f"{entry['name']}.npz"
+    if out.exists() and int(np.load(out)["l1"].shape[0]) >= runs:
+        return out
+    kw = scan_kwargs(entry)
+    prep = prepare(str(EVAL / entry["model"]), str(EVAL / entry["scan_data"]), device="cpu", seed=0, **kw)
+    cfg = preset("fast")
+    k = prep.num_classes
+    l1 = np.full((runs, k), np.nan)
+    asr = np.full((runs, k), np.nan)
+    steps = np.zeros((runs, k), dtype=np.int64)
+    masks = np.zeros((runs, k) + tuple(prep.x.shape[2:]), dtype=np.float32)
+    passes = np.zeros(runs, dtype=np.int64)
+    wall = np.zeros(runs)
+    for r in range(runs):
+        t0 = time.perf_counter()
+        traces, info = reverse_engineer(prep.pixel_model, prep.x, prep.y, list(range(k)), cfg, seed=r)
+        wall[r] = time.perf_counter() - t0
+        passes[r] = int(info["passes"])
+        a = attack_success(prep.pixel_model, prep.x, prep.y, {t.label: t.trigger for t in traces})
+        for t in traces:
+            l1[r, t.label] = t.trigger.l1 if t.found else np.nan
+            asr[r, t.label] = a[t.label]
+            steps[r, t.label] = t.steps
+            masks[r, t.label] = t.trigger.mask
+        print(f"  {entry['name']} run {r}: {wall[r]:.1f}s {passes[r]} passes", file=sys.stderr, flush=True)
+    EVIDENCE.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, l1=l1, asr=asr, steps=steps, masks=masks, passes=passes, wall=wall,
+                        clean_accuracy=np.float64(prep.clean_accuracy or np.nan))
+    os.replace(tmp, out)
+    return out
+
+
+def simulate(l1: np.ndarray, j: int, cfg: Any) -> tuple[Any, int]:
+    """The scan's restart policy replayed on stored runs: phase 1 is run j, each restart of a
+    label takes its next stored run. Returns (Decision, extra label-runs spent)."""
+    from ncscan.decide import decide, needs_restart
+
+    r_all, k = l1.shape
+    order = [(j + d) % r_all for d in range(r_all)]
+    runs = [[float(l1[j, i])] for i in range(k)]
+    extra = 0
+    for rounds in (cfg.restarts, cfg.recheck_restarts):
+        for i in needs_restart(runs, cfg):
+            for _ in range(rounds):
+                if len(runs[i]) < r_all:
+                    runs[i].append(float(l1[order[len(runs[i])], i]))
+                    extra += 1
+    return decide(runs, cfg), extra
+
+
+def replay(models: list[dict[str, Any]], cfg: Any, verbose: bool = True) -> dict[str, Any]:
+    """Decisions on stored evidence for every pseudo-seed; summary counts."""
+    rows = []
+    for e in models:
+        f = EVIDENCE / f"{e['name']}.npz"
+        if not f.exists():
+            continue
+        l1 = np.load(f)["l1"]
+        truth = sorted(e["targets"]) if e["infected"] and e.get("in_scope", True) else []
+        outs = []
+        for j in range(l1.shape[0]):
+            d, extra = simulate(l1, j, cfg)
+            outs.append((d.verdict, sorted(d.flagged), d, extra))
+        ok = [o[1] == truth and (o[0] == "backdoor") == bool(truth) for o in outs]
+        tgt_score = [float(np.nanmin(o[2].score[truth])) if truth else float("nan") for o in outs]
+        others = [float(np.nanmax(np.delete(o[2].score, truth))) for o in outs]
+        rows.append(dict(name=e["name"], split=e["split"], family=e["family"], attack=e["attack"], truth=truth,
+                         verdicts=[o[0] for o in outs], flagged=[o[1] for o in outs], ok=ok,
+                         target_score=tgt_score, max_other=others, extra=[o[3] for o in outs]))
+        if verbose:
+            print(f"{e['name']:<34} {e['family']:<10} {str(truth):<8} "
+                  + " ".join(f"{o[0][:4]}{o[1]}" for o in outs)
+                  + f"  tgt {' '.join(f'{v:5.2f}' for v in tgt_score)}  other {' '.join(f'{v:5.2f}' for v in others)}"
+                  + f"  +{[o[3] for o in outs]}")
+    n_inf = sum(1 for r in rows if r["truth"])
+    summary = dict(
+        models=len(rows),
+        infected_exact=sum(all(r["ok"]) for r in rows if r["truth"]), infected=n_inf,
+        clean_flagged=sum(any(v == "backdoor" for v in r["verdicts"]) for r in rows if not r["truth"]),
+        clean=len(rows) - n_inf,
+        flips=sum(len(set(map(tuple, r["flagged"]))) > 1 or len(set(r["verdicts"])) > 1 for r in rows),
+        wrong_runs=sum(not o for r in rows for o in r["ok"]), runs=sum(len(r["ok"]) for r in rows),
+        extra_label_runs=sum(sum(r["extra"]) for r in rows),
+    )
+    return dict(rows=rows, summary=summary)
+
+
+def scan_one(job: tuple[dict[str, Any], int, int]) -> dict[str, Any]:
+    """One real default scan (ncscan.scan) of one model with one seed."""
+    entry, seed, threads = job
+    import torch
+
+    torch.set_num_threads(threads)
+    import ncscan
+
+    t0 = time.perf_counter()
+    rep = ncscan.scan(str(EVAL / entry["model"]), str(EVAL / entry["scan_data"]), seed=seed, device="cpu",
+                      **scan_kwargs(entry))
+    wall = time.perf_counter() - t0
+    truth = sorted(entry["targets"]) if entry["infected"] else []
+    by = rep.by_label
+    score = {r.label: r.score for r in rep.labels}
+    others = [v for k, v in score.items() if k not in truth and np.isfinite(v)]
+    return dict(
+        name=entry["name"], seed=seed, verdict=rep.verdict, flagged=sorted(rep.flagged),
+        borderline=rep.borderline, margin=rep.margin, paper_flagged=sorted(rep.paper_flagged),
+        target_score=[by[t].score for t in truth], target_paper_index=[by[t].anomaly_index for t in truth],
+        max_other_score=max(others) if others else None, passes=rep.passes, wall=round(wall, 1),
+        runs=sum(len(r.run_l1) for r in rep.labels), reasons=rep.reasons,
+    )
+
+
+def scan_split(models: list[dict[str, Any]], seeds: list[int], jobs: int, tag: str) -> None:
+    """Real scans, several seeds; results appended to bench/.evalset/scans_<tag>.jsonl as they
+    come (a rerun skips what is there), then summarised into bench/verdict_<tag>.{md,json}."""
+    import multiprocessing as mp
+
+    log = EVAL / f"scans_{tag}.jsonl"
+    done = set()
+    if log.exists():
+        done = {(d["name"], d["seed"]) for d in map(json.loads, log.read_text().splitlines())}
+    todo = [(e, s, max(1, 2 // jobs)) for e in models for s in seeds if (e["name"], s) not in done]
+    with mp.get_context("spawn").Pool(jobs) as pool, log.open("a") as f:
+        for res in pool.imap_unordered(scan_one, todo):
+            f.write(json.dumps(res) + "\n")
+            f.flush()
+            print(f"  {res['name']} seed {res['seed']}: {res['verdict']} {res['flagged']} "
+                  f"margin {res['margin']} {res['wall']}s", file=sys.stderr, flush=True)
+    rows = [json.loads(v) for v in log.read_text().splitlines()]
+    summarise(models, [r for r in rows if r["seed"] in seeds], seeds, tag)
+
+
+def _verdict_ok(entry: dict[str, Any], r: dict[str, Any]) -> bool:
+    if entry["infected"] and entry.get("in_scope", True):
+        return r["verdict"] == "backdoor" and r["flagged"] == sorted(entry["targets"])
+    return r["verdict"] == "clean"
+
+
+def _fmt_margin(v: float | None) -> str:
+    return "" if v is None else f"{v:+.2f}"
+
+
+def summarise(models: list[dict[str, Any]], rows: list[dict[str, Any]], seeds: list[int], tag: str) -> None:
+    """Per model and per family: exact calls, clean flagged, flips, margins, cost."""
+    by = {e["name"]: e for e in models}
+    per_model = []
+    for name in sorted({r["name"] for r in rows}):
+        e, rs = by[name], sorted((r for r in rows if r["name"] == name), key=lambda r: r["seed"])
+        calls = {(r["verdict"], tuple(r["flagged"])) for r in rs}
+        per_model.append(dict(
+            name=name, family=e["family"], attack=e["attack"], infected=e["infected"],
+            in_scope=e.get("in_scope", True), targets=e["targets"],
+            calls=[f"{r['verdict']}{r['flagged'] if r['flagged'] else ''}" for r in rs],
+            ok=sum(_verdict_ok(e, r) for r in rs), n=len(rs), flips=len(calls) > 1,
+            paper_ok=sum((r["paper_flagged"] == sorted(e["targets"])) if e["infected"] else not r["paper_flagged"]
+                         for r in rs),
+            min_margin=min((r["margin"] for r in rs if r["margin"] is not None), default=None),
+            target_score=[round(min(r["target_score"]), 2) for r in rs if r["target_score"]],
+            max_other=[round(r["max_other_score"], 2) for r in rs if r["max_other_score"] is not None],
+            passes=int(np.mean([r["passes"] for r in rs])), wall=round(float(np.mean([r["wall"] for r in rs])), 1),
+        ))
+    (HERE / f"verdict_{tag}.json").write_text(json.dumps(dict(
+        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", seeds=seeds,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), models=per_model), indent=1) + "\n")
+    lines = [
+        f"# Verdicts on the {tag} split ({len(per_model)} models, seeds {','.join(map(str, seeds))})", "",
+        f"`python bench/verdict_eval.py scan --split {tag} --seeds {','.join(map(str, seeds))}`; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPU cores, CPU only.", "",
+        "| model | family | attack | targets | calls per seed | right | paper rule right | flips | min margin "
+        "| target score | max other score | passes | wall s |",
+        "|---|---|---|---|---|---:|---:|---|---:|---|---|---:|---:|",
+    ]
+    for m in per_model:
+        lines.append(
+            f"| {m['name']} | {m['family']} | {m['attack']}{'' if m['in_scope'] else ' (out of scope)'} "
+            f"| {m['targets']} | {' '.join(m['calls'])} | {m['ok']}/{m['n']} | {m['paper_ok']}/{m['n']} "
+            f"| {'YES' if m['flips'] else 'no'} | {_fmt_margin(m['min_margin'])} "
+            f"| {' '.join(map(str, m['target_score']))} | {' '.join(map(str, m['max_other']))} "
+            f"| {m['passes']:,} | {m['wall']} |"
+        )
+    lines += ["", "Per family (in-scope models; a model counts as right only when every seed is right):", "",
+              "| family | infected exact | clean not flagged | models with a flip |", "|---|---:|---:|---:|"]
+    for fam in sorted({m["family"] for m in per_model}):
+        ms = [m for m in per_model if m["family"] == fam and m["in_scope"]]
+        inf = [m for m in ms if m["infected"]]
+        cl = [m for m in ms if not m["infected"]]
+        lines.append(f"| {fam} | {sum(m['ok'] == m['n'] for m in inf)}/{len(inf)} "
+                     f"| {sum(m['ok'] == m['n'] for m in cl)}/{len(cl)} | {sum(m['flips'] for m in ms)} |")
+    lines += ["", "Per seed (in-scope models):", "", "| seed | infected exact | clean flagged | inconclusive |",
+              "|---:|---:|---:|---:|"]
+    for s in seeds:
+        rs = [r for r in rows if r["seed"] == s and by[r["name"]].get("in_scope", True)]
+        inf = [r for r in rs if by[r["name"]]["infected"]]
+        cl = [r for r in rs if not by[r["name"]]["infected"]]
+        lines.append(f"| {s} | {sum(_verdict_ok(by[r['name']], r) for r in inf)}/{len(inf)} "
+                     f"| {sum(r['verdict'] == 'backdoor' for r in cl)}/{len(cl)} "
+                     f"| {sum(r['verdict'] == 'inconclusive' for r in rs)} |")
+    (HERE / f"verdict_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["collect", "replay", "scan"])
+    ap.add_argument("--split", default="tuning")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--jobs", type=int, default=2)
+    a = ap.parse_args()
+    names = [v for v in a.only.split(",") if v] or None
+    models = load_manifest(a.split, names)
+    if a.mode == "collect":
+        for e in models:
+            collect(e, a.runs)
+    elif a.mode == "replay":
+        from ncscan.decide import DecideConfig
+
+        out = replay(models, DecideConfig())
+        print(json.dumps(out["summary"]))
+    else:
+        scan_split(models, [int(v) for v in a.seeds.split(",")], a.jobs, a.split.replace(",", "+"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The verdict: per-label trigger sizes (one or more runs each) in; verdict, margins, reasons out.
+
+Pure numpy, so the bench can replay stored evidence without re-optimising.
+
+The statistic. Trigger sizes are scale quantities: a clean label twice the median and one half
+of it are equally unusual, and a few large clean labels must not widen the yardstick the small
+ones are measured with. So each label's size is taken in log space and compared with the
+others':
+
+    score_t = (median_j log s_j - log s_t) / max(1.4826 * MAD_j(log s_j), scale_floor)
+
+positive when label t's trigger is smaller than typical. The median and MAD are over all
+labels that reached a working trigger (or the reference sample, with pre-screening), as in
+the paper; only the log and the floor differ. The floor keeps a tight group of clean labels
+from turning an ordinary difference (say 0.7x the median) into a large score.
+
+A label's size is the MEDIAN of its runs: a suspect is re-optimised from other random starts
+and image orders (restarts), and a label whose first trigger was small by luck is not small
+again. A real backdoor's trigger is found again from every start.
+
+Decision bands (all in score units): flagged when score > threshold + band; borderline when
+within `band` of the threshold after the allowed re-checks; otherwise not flagged. A verdict
+never rests on a borderline label: a model with one and no flagged label is inconclusive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal's std
+
+
+@dataclass(frozen=True)
+class DecideConfig:
+    """The decision's constants (chosen on the TUNING split of bench/evalset; see bench/verdict.md).
+
+    Attributes:
+        threshold: score above which a label is a backdoor target (the centre of the band).
+        band: half-width of the borderline band around the threshold, in score units.
+        scale_floor: lower bound of the log-size spread (natural log units).
+        restarts: extra runs given to each label whose single-run score is within reach of
+            the threshold (score > threshold - band - screen_margin).
+        recheck_restarts: further runs for labels still borderline after the restarts.
+        screen_margin: how far below the band a single run's score still earns restarts (a
+            single run is noisier than the median of several).
+    """
+
+    threshold: float = 3.0
+    band: float = 0.5
+    scale_floor: float = 0.2
+    restarts: int = 2
+    recheck_restarts: int = 2
+    screen_margin: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the evidence says."""
+
+    verdict: str  # "backdoor" | "clean" | "inconclusive"
+    flagged: list[int]  # positions, largest score first
+    borderline: list[int]  # positions within the band (not flagged)
+    score: np.ndarray  # per position; NaN where no working trigger
+    size: np.ndarray  # per position: median L1 over its runs (NaN when none worked)
+    center: float  # median log size
+    scale: float  # the spread used (after the floor)
+    reasons: list[str] = field(default_factory=list)
+
+    def margin(self, threshold: float) -> np.ndarray:
+        """Score minus threshold: how far each label sits from the line."""
+        return self.score - threshold
+
+
+def label_size(runs: Sequence[float]) -> float:
+    """A label's size from its runs: the median of the runs that found a working trigger.
+    NaN when none did; a label whose runs mostly failed counts as not found."""
+    v = np.asarray(runs, dtype=np.float64)
+    ok = v[np.isfinite(v)]
+    if len(ok) == 0 or len(ok) * 2 < len(v):
+        return float("nan")
+    return float(np.median(ok))
+
+
+def log_scores(
+    size: np.ndarray, *, scale_floor: float, reference: np.ndarray | None = None
+) -> tuple[np.ndarray, float, float]:
+    """(score per label, centre, scale) of log sizes; NaN sizes get NaN scores.
+
+    Args:
+        size: per-label trigger L1 (NaN = no working trigger).
+        scale_floor: lower bound of the spread.
+        reference: boolean mask of the labels that define centre and spread (default: all).
+    """
+    s = np.asarray(size, dtype=np.float64)
+    ok = np.isfinite(s) & (s > 0)
+    score = np.full(s.shape, np.nan)
+    ref = ok if reference is None else ok & np.asarray(reference, dtype=bool)
+    if ref.sum() == 0:
+        ref = ok
+    if ref.sum() == 0:
+        return score, float("nan"), float("nan")
+    logs = np.log(s[ref])
+    center = float(np.median(logs))
+    scale = max(CONSISTENCY * float(np.median(np.abs(logs - center))), scale_floor)
+    score[ok] = (center - np.log(s[ok])) / scale
+    return score, center, scale
+
+
+def needs_restart(runs: list[list[float]], cfg: DecideConfig, reference: np.ndarray | None = None) -> list[int]:
+    """Positions whose evidence is near enough the line that more runs could change the call.
+
+    A label with one run is re-run when its score is above threshold - band - screen_margin;
+    a label with more runs (up to 1 + restarts + recheck_restarts) when it is still within
+    the band.
+    """
+    size = np.array([label_size(r) for r in runs])
+    score, _, _ = log_scores(size, scale_floor=cfg.scale_floor, reference=reference)
+    out = []
+    for i, r in enumerate(runs):
+        if not np.isfinite(score[i]):
+            continue
+        if len(r) == 1 and score[i] > cfg.threshold - cfg.band - cfg.screen_margin and cfg.restarts > 0:
+            out.append(i)
+        elif 1 < len(r) < 1 + cfg.restarts + cfg.recheck_restarts and abs(score[i] - cfg.threshold) <= cfg.band:
+            out.append(i)
+    return out
+
+
+def decide(
+    runs: list[list[float]],
+    cfg: DecideConfig,
+    *,
+    reference: np.ndarray | None = None,
+    eligible: np.ndarray | None = None,
+) -> Decision:
+    """The verdict from per-label runs.
+
+    Args:
+        runs: per label (position), the L1 of each run's best working trigger (NaN = none).
+        cfg: the decision constants.
+        reference: labels that define the centre and spread (pre-screening's sample).
+        eligible: labels that may be flagged (pre-screening: not screened out); default all.
+
+    Returns:
+        The Decision. Verdict "inconclusive" when fewer than 3 labels have a working trigger,
+        when a label that may be flagged never reached one, or when a label stays borderline
+        and nothing is flagged.
+    """
+    size = np.array([label_size(r) for r in runs])
+    score, center, scale = log_scores(size, scale_floor=cfg.scale_floor, reference=reference)
+    elig = np.ones(len(runs), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
+    fin = np.isfinite(score)
+    hi = cfg.threshold + cfg.band
+    lo = cfg.threshold - cfg.band
+    flag_pos = np.flatnonzero(elig & fin & (np.nan_to_num(score, nan=-np.inf) > hi))
+    flagged = [int(i) for i in flag_pos[np.argsort(-score[flag_pos], kind="stable")]]
+    bl = np.flatnonzero(elig & fin & (np.nan_to_num(score, nan=-np.inf) > lo) & (np.nan_to_num(score, nan=np.inf) <= hi))
+    borderline = [int(i) for i in bl[np.argsort(-score[bl], kind="stable")]]
+    n_found = int((elig & fin).sum())
+    reasons: list[str] = []
+    if flagged:
+        verdict = "backdoor"
+    elif n_found < 3:
+        verdict = "inconclusive"
+        reasons.append(f"only {n_found} label(s) reached a working trigger; the statistics need at least 3")
+    elif n_found < int(elig.sum()):
+        verdict = "inconclusive"
+        reasons.append("not_found")
+    elif borderline:
+        verdict = "inconclusive"
+        reasons.append("borderline")
+    else:
+        verdict = "clean"
+    return Decision(verdict=verdict, flagged=flagged, borderline=borderline, score=score, size=size,
+                    center=center, scale=scale, reasons=reasons)

@@ -1,0 +1,113 @@
+"""The decision (ncscan.decide): pure numpy, checked against hand computations."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ncscan.decide import DecideConfig, decide, label_size, log_scores, needs_restart
+
+NAN = float("nan")
+
+
+def test_log_scores_match_hand_computation() -> None:
+    s = np.array([10.0, 20.0, 40.0, 80.0, 160.0])
+    score, center, scale = log_scores(s, scale_floor=0.0)
+    logs = np.log(s)
+    med = np.median(logs)
+    mad = 1.4826 * np.median(np.abs(logs - med))
+    assert center == med and np.isclose(scale, mad)
+    np.testing.assert_allclose(score, (med - logs) / mad)
+    assert score[0] > 0 > score[-1]  # smaller than typical = positive
+
+
+def test_scale_floor_bounds_the_spread() -> None:
+    # Nine clean labels almost identical in size: without a floor, a label at 0.8x the median
+    # would be hundreds of spreads away.
+    s = np.array([100.0, 100.1, 99.9, 100.0, 100.2, 99.8, 100.0, 100.1, 99.9, 80.0])
+    raw, _, _ = log_scores(s, scale_floor=0.0)
+    floored, _, scale = log_scores(s, scale_floor=0.2)
+    assert raw[-1] > 50
+    assert scale == 0.2 and np.isclose(floored[-1], np.log(100 / 80) / 0.2)
+
+
+def test_label_size_is_median_of_working_runs() -> None:
+    assert label_size([10.0]) == 10.0
+    assert label_size([10.0, 30.0, 20.0]) == 20.0
+    assert label_size([10.0, NAN, 20.0]) == 15.0
+    assert np.isnan(label_size([NAN]))
+    assert np.isnan(label_size([10.0, NAN, NAN]))  # mostly failing: not a working trigger
+
+
+def _runs(sizes: list[float]) -> list[list[float]]:
+    return [[v] for v in sizes]
+
+
+CLEAN = [60.0, 70.0, 55.0, 80.0, 65.0, 75.0, 58.0, 72.0, 68.0]
+
+
+def test_small_outlier_flagged_clean_not() -> None:
+    cfg = DecideConfig(threshold=3.0, band=0.5, scale_floor=0.2)
+    d = decide(_runs(CLEAN + [8.0]), cfg)
+    assert d.verdict == "backdoor" and d.flagged == [9] and d.borderline == []
+    d = decide(_runs(CLEAN + [62.0]), cfg)
+    assert d.verdict == "clean" and d.flagged == [] and d.borderline == []
+    # Large outliers are never flagged.
+    d = decide(_runs(CLEAN + [900.0]), cfg)
+    assert d.flagged == [] and d.score[9] < 0
+
+
+def test_borderline_label_makes_an_unflagged_model_inconclusive() -> None:
+    cfg = DecideConfig(threshold=3.0, band=0.5, scale_floor=0.2)
+    center = np.median(np.log(CLEAN + [1.0]))
+    _, _, scale = log_scores(np.array(CLEAN + [1.0]), scale_floor=0.2)
+    # A size whose score is exactly the threshold sits in the band.
+    s = float(np.exp(center - 3.0 * scale))
+    d = decide(_runs(CLEAN + [s]), cfg)
+    assert d.verdict == "inconclusive" and d.borderline == [9] and d.flagged == []
+    assert abs(d.margin(3.0)[9]) <= 0.5
+
+
+def test_no_working_trigger_is_inconclusive_unless_something_is_flagged() -> None:
+    cfg = DecideConfig()
+    assert decide(_runs(CLEAN + [NAN]), cfg).verdict == "inconclusive"
+    assert decide(_runs(CLEAN[:-1] + [NAN, 5.0]), cfg).verdict == "backdoor"
+    assert decide(_runs([10.0, NAN, NAN, NAN]), cfg).verdict == "inconclusive"
+
+
+def test_reference_and_eligible_masks() -> None:
+    cfg = DecideConfig(threshold=3.0, band=0.5, scale_floor=0.2)
+    sizes = CLEAN + [8.0, 9.0]
+    ref = np.array([True] * 9 + [False, False])
+    d = decide(_runs(sizes), cfg, reference=ref)
+    assert sorted(d.flagged) == [9, 10]
+    np.testing.assert_allclose(d.center, np.median(np.log(CLEAN)))
+    elig = np.array([True] * 10 + [False])
+    d = decide(_runs(sizes), cfg, reference=ref, eligible=elig)
+    assert d.flagged == [9]
+
+
+def test_needs_restart_only_near_the_line() -> None:
+    cfg = DecideConfig(threshold=3.0, band=0.5, scale_floor=0.2, restarts=2, recheck_restarts=2, screen_margin=0.5)
+    runs = _runs(CLEAN + [30.0])  # ~0.46x the median: score ~3.9, within reach
+    assert needs_restart(runs, cfg) == [9]
+    assert needs_restart(_runs(CLEAN + [66.0]), cfg) == []
+    # After restarts: clearly above the band -> no recheck; inside the band -> recheck.
+    runs[9] = [30.0, 8.0, 9.0]
+    assert needs_restart(runs, cfg) == []
+    _, c, sc = log_scores(np.array(CLEAN + [30.0]), scale_floor=0.2)
+    mid = float(np.exp(c - 3.0 * sc))
+    runs[9] = [mid, mid, mid]
+    assert needs_restart(runs, cfg) == [9]
+    runs[9] = [mid] * 5  # all allowed runs spent
+    assert needs_restart(runs, cfg) == []
+    assert needs_restart(runs, DecideConfig(restarts=0)) == []
+
+
+def test_restarts_undo_a_lucky_run() -> None:
+    """One lucky small run does not flag a label once its restarts come back typical."""
+    cfg = DecideConfig(threshold=3.0, band=0.5, scale_floor=0.2)
+    runs = _runs(CLEAN + [20.0])
+    assert decide(runs, cfg).flagged == [9]
+    runs[9] = [20.0, 61.0, 64.0]
+    d = decide(runs, cfg)
+    assert d.verdict == "clean" and d.size[9] == 61.0
