@@ -1,8 +1,9 @@
 """`ncscan patch`: the command-line front of `ncscan.patch.patch`.
 
 Registered in cli.py with `app.command("patch")(patch_cmd)`.
-Exit codes: 0 written (or nothing flagged: nothing to do), 1 the patched model failed its
-guard and was not written (unless --force), 2 bad input, 3 internal error.
+Exit codes: 0 written (or a clean scan: nothing to do), 1 the patched model failed its
+guard and was not written (unless --force), 2 bad input, 3 internal error, 4 the scan was
+inconclusive and nothing was flagged (patching nothing is not a clean bill).
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def render_patch(res: Any, console: Any) -> None:
     """The before/after table on stderr."""
     from rich.table import Table
 
+    if res.inconclusive:
+        console.print(
+            "INCONCLUSIVE: nothing patched and nothing written: the scan can call this model neither "
+            f"clean nor infected ({'; '.join(res.scan_reasons) or 'no reason recorded'}); re-scan with a "
+            "larger budget (`ncscan scan MODEL --data DIR --max-steps 600 -f json -o scan.json`) and pass "
+            "--report scan.json, or name the label(s) to patch with --label N"
+        )
+        return
     if not res.labels:
         console.print("nothing flagged and no --label given: the model needs no patch; nothing written")
         return
@@ -85,6 +94,7 @@ def patch_cmd(
     epochs: Annotated[int, typer.Option("--epochs", help="Unlearning epochs (each at least --min-steps optimizer steps).", min=1)] = 1,
     lr: Annotated[float, typer.Option("--lr", help="Unlearning learning rate (Adam).")] = 5e-4,
     min_steps: Annotated[int, typer.Option("--min-steps", help="Minimum optimizer steps per unlearning epoch.", min=1)] = 150,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Cap on optimisation steps per label for the triggers reversed here (own scan, --label not in the report).", min=1)] = None,
     unlearn_rounds: Annotated[int, typer.Option("--unlearn-rounds", help="Unlearning rounds: after each, re-reverse the labels on the patched model and unlearn any working trigger still within 2x the original's L1 (1 = the paper's single round).", min=1)] = 1,
     fpr: Annotated[float, typer.Option("--fpr", help="Filter false-positive rate on new clean images (bounded with 90% confidence).")] = 0.05,
     layer: Annotated[Optional[str], typer.Option("--layer", help="ONNX node (or tensor) whose output pruning/filter use (default: the input of the last Gemm/MatMul).")] = None,
@@ -136,6 +146,7 @@ def patch_cmd(
         epochs=epochs,
         lr=lr,
         min_steps=min_steps,
+        max_steps=max_steps,
         unlearn_rounds=unlearn_rounds,
         fpr=fpr,
         layer=layer,
@@ -155,6 +166,8 @@ def patch_cmd(
         sys.stdout.flush()
     if not quiet:
         render_patch(res, err)
+    if res.inconclusive:
+        return 4
     if not res.labels:
         return 0
     # A failed guard exits 1 even with --force (the file is then written anyway).

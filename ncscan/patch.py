@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import torch
 from . import __version__
 from .errors import ConfigError, ConversionMismatchError, ModelError
 from .io import check_output_path
-from .mitigate.filter import FilterProfile, add_filter, calibrate, choose_neurons, rates, standardise
+from .mitigate.filter import FilterProfile, add_filter, add_original_branch, calibrate, choose_neurons, rates, standardise
 from .mitigate.layers import activations, capture, find_layer, tensor_links, trainable_links
 from .mitigate.prune import prune as prune_neurons
 from .mitigate.unlearn import UnlearnConfig, unlearn as unlearn_model
@@ -35,6 +36,10 @@ from .trigger import Trigger
 
 TARGET_ASR = 0.05
 HOLDOUT = 0.2
+# Images the mitigations keep after the hold-out split, at least. With the default 20%
+# hold-out this makes patch's minimum the data loader's (ncscan.data.MIN_IMAGES = 10), so
+# scan and patch refuse the same folders with the same message.
+MIN_TRAIN = 8
 # Unlearning rounds: a trigger re-reversed on the patched model counts as residual
 # backdoor when it is at most this many times the original reversed trigger's L1.
 RESIDUAL_FACTOR = 2.0
@@ -80,6 +85,14 @@ class PatchResult:
     elapsed_seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    scan_verdict: str | None = None  # the verdict of the scan the triggers came from (None: not known)
+    scan_reasons: list[str] = field(default_factory=list)  # why that scan was inconclusive
+    filter_calibrated_on: str | None = None  # "original" | "patched": the network the filter profiles
+
+    @property
+    def inconclusive(self) -> bool:
+        """Nothing was patched because the scan could not call the model clean or infected."""
+        return not self.labels and self.scan_verdict == "inconclusive"
 
     @property
     def nothing_flagged(self) -> bool:
@@ -172,6 +185,24 @@ def _stamp_all(x: torch.Tensor, y: torch.Tensor, trigs: dict[int, Trigger]) -> t
     return torch.cat(xs, 0), torch.cat(ts, 0)
 
 
+def min_images(holdout: float = HOLDOUT) -> int:
+    """The fewest clean images `patch` accepts: MIN_TRAIN left after holding out `holdout`
+    (the same rounding as the split)."""
+    n = MIN_TRAIN
+    while n - max(1, int(round(holdout * n))) < MIN_TRAIN:
+        n += 1
+    return n
+
+
+def _no_working_trigger(label: int, l1: float, asr: float | None, steps: int | None) -> ConfigError:
+    got = f" (best attack success {asr:.1%}" + (f" after {steps} steps)" if steps else ")") if asr is not None else ""
+    return ConfigError(
+        f"--label {label}: no reversed trigger for it reached 99% attack success{got}, so there is "
+        "no working trigger to patch against; drop that --label (it is probably not a backdoor "
+        "target), or raise --max-steps / give more clean images"
+    )
+
+
 def _method_name(unlearn: bool, prune: bool, filt: bool) -> list[str]:
     return [m for m, on in (("unlearn", unlearn), ("prune", prune), ("filter", filt)) if on]
 
@@ -215,6 +246,7 @@ def patch(
     seed: int = 0,
     device: str = "auto",
     schedule: str = "fast",
+    max_steps: int | None = None,
     pixel_range: Sequence[float] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -254,14 +286,18 @@ def patch(
         force: write even when the guard fails.
         seed: seeds the split, the training and the scan.
         device: "auto", "cpu" or "cuda".
+        schedule, max_steps: the optimiser preset and its per-label step cap for the triggers
+            reversed here (own scan, forced labels, unlearning rounds).
         pixel_range, mean, std, channel_order, layout, labels_file, max_images: as for scan.
         log: called with progress messages.
 
     Returns:
-        The PatchResult (`written` says whether the file was written).
+        The PatchResult (`written` says whether the file was written; `inconclusive` when
+        nothing was patched because the scan could not call the model clean).
 
     Raises:
-        NcscanError subclasses for user errors (bad input, parity failure, output == input).
+        NcscanError subclasses for user errors (bad input, parity failure, output == input,
+        a forced label with no working trigger).
     """
     t0 = time.perf_counter()
     say = log or (lambda s: None)
@@ -282,6 +318,11 @@ def patch(
         raise ConfigError(f"holdout must be between 0 and 1, got {holdout}")
     if not (max_accuracy_drop >= 0):
         raise ConfigError(f"--max-accuracy-drop must be >= 0 points, got {max_accuracy_drop}")
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--max-steps must be at least 1, got {max_steps}")
+    rcfg0 = preset(schedule)
+    if max_steps is not None:
+        rcfg0 = replace(rcfg0, max_steps=max_steps)
     out_path: Path | None = None
     if output is not None:
         ins: list[Any] = [model] + ([data] if isinstance(data, (str, os.PathLike)) else [])
@@ -291,6 +332,11 @@ def patch(
         labels_file=labels_file, max_images=max_images,
     )
     prep: Prepared = prepare(model, data, device=device, seed=seed, **pre_kw)
+    if len(prep.x) < min_images(holdout):  # before any optimisation: the split below needs them
+        raise ConfigError(
+            f"only {len(prep.x)} clean images: patch needs at least {min_images(holdout)} ({MIN_TRAIN} to patch with "
+            f"after holding out {holdout:.0%}); give more clean images (a few hundred for reliable figures)"
+        )
     dev = prep.device
     om = prep.onnx
     if om.weights_on_disk:
@@ -313,29 +359,42 @@ def patch(
         if bad:
             raise ConfigError(f"--label {bad[0]} is out of range; the model has {prep.num_classes} classes (0..{prep.num_classes - 1})")
     t1 = time.perf_counter()
+    scan_verdict: str | None = None
+    scan_reasons: list[str] = []
+
+    def working(rep2: ScanReport) -> dict[int, Trigger]:
+        # A forced label whose reversal never reached a working trigger has nothing to
+        # unlearn, prune or filter against: its "trigger" is the last, failing mask.
+        for lr_ in rep2.labels:
+            if not lr_.converged:
+                raise _no_working_trigger(lr_.label, lr_.mask_l1, lr_.attack_success, lr_.steps)
+        return {lr_.label: lr_.trigger for lr_ in rep2.labels}
+
     if report is not None:
         rep = _load_report(report)
         have = _triggers_from_report(rep, om.sha256)
+        scan_verdict = rep.get("verdict") if isinstance(rep.get("verdict"), str) else None
+        scan_reasons = [str(v) for v in rep.get("reasons") or []]
         flagged = [int(v) for v in rep.get("flagged", [])]
         chosen = wanted if wanted is not None else flagged
         trigs = {t: have[t] for t in chosen if t in have}
         missing = [t for t in chosen if t not in have]
         if missing:
             say(f"reversing the trigger of label(s) {', '.join(map(str, missing))} (not in the report)")
-            rep2 = scan(model, prep.data, seed=seed, device=device, schedule=schedule, labels=missing, **pre_kw)
-            for lr_ in rep2.labels:
-                trigs[lr_.label] = lr_.trigger
+            rep2 = scan(model, prep.data, seed=seed, device=device, schedule=rcfg0, labels=missing, **pre_kw)
+            trigs.update(working(rep2))
             source = "report+scan"
     else:
         source = "scan"
         if wanted is not None:
             say(f"reversing the trigger of label(s) {', '.join(map(str, wanted))}")
-            rep2 = scan(model, prep.data, seed=seed, device=device, schedule=schedule, labels=wanted, **pre_kw)
-            trigs = {lr_.label: lr_.trigger for lr_ in rep2.labels}
+            rep2 = scan(model, prep.data, seed=seed, device=device, schedule=rcfg0, labels=wanted, **pre_kw)
+            trigs = working(rep2)
         else:
             say("scanning for backdoors (pass --report scan.json to reuse a scan)")
-            rep2 = scan(model, prep.data, seed=seed, device=device, schedule=schedule, **pre_kw)
+            rep2 = scan(model, prep.data, seed=seed, device=device, schedule=rcfg0, **pre_kw)
             trigs = {lr_.label: lr_.trigger for lr_ in rep2.labels if lr_.flagged}
+            scan_verdict, scan_reasons = rep2.verdict, list(rep2.reasons)
             warnings.extend(w for w in rep2.warnings if w not in warnings)
     timings["triggers"] = time.perf_counter() - t1
     chosen_labels = sorted(trigs)
@@ -346,7 +405,7 @@ def patch(
             guard_reasons=[], n_train=0, n_holdout=0, clean_accuracy_before=prep.clean_accuracy,
             clean_accuracy_after=None, attack_success_before={}, attack_success_after={},
             trigger_source=source, elapsed_seconds=time.perf_counter() - t0, timings=timings,
-            warnings=warnings,
+            warnings=warnings, scan_verdict=scan_verdict, scan_reasons=scan_reasons,
         )
     for t, trig in trigs.items():
         h, w = int(prep.x.shape[2]), int(prep.x.shape[3])
@@ -368,8 +427,11 @@ def patch(
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=gen)
     n_hold = max(1, int(round(holdout * n)))
-    if n - n_hold < 10:
-        raise ConfigError(f"only {n} images: too few to patch and hold out {holdout:.0%}; give at least 50 clean images")
+    if n - n_hold < MIN_TRAIN:
+        raise ConfigError(
+            f"only {n} clean images: patch needs at least {min_images(holdout)} ({MIN_TRAIN} to patch with after "
+            f"holding out {holdout:.0%}); give more clean images (a few hundred for reliable figures)"
+        )
     hold, train = perm[:n_hold].sort().values, perm[n_hold:].sort().values
     xh, yh, xt, yt = x[hold], y[hold], x[train], y[train]
     if n_hold < 100:
@@ -383,6 +445,10 @@ def patch(
     from .export import snapshot
 
     before = snapshot(net)
+    # The filter profiles the ORIGINAL network whenever unlearning or pruning changes it:
+    # after unlearning the reversed trigger no longer moves the patched network's neurons
+    # (measured: 55.8% of triggered images missed when calibrated on the unlearned model).
+    orig_pm = copy.deepcopy(pm).eval() if filter and (unlearn or prune) else None
     links = tensor_links(net, om.proto)
     result: dict[str, Any] = {}
 
@@ -406,7 +472,7 @@ def patch(
         # small (see _residual_limit), unlearns that one too (with the earlier ones).
         limit = {t: _residual_limit(trigs[t].l1) for t in chosen_labels}
         for r in range(1, unlearn_rounds):
-            rcfg = replace(preset(schedule), max_steps=RESIDUAL_STEPS)
+            rcfg = replace(rcfg0, max_steps=RESIDUAL_STEPS)
             traces, _ = reverse_engineer(pm, xt, yt, chosen_labels, rcfg, seed=seed + 100 + r, device=dev)
             pm.to(memory_format=torch.contiguous_format)
             residual = [
@@ -466,11 +532,13 @@ def patch(
     if filter:
         assert lay is not None
         t4 = time.perf_counter()
-        # Ranked on the network as it is now (after unlearning/pruning), on the patching
-        # split, where the threshold is calibrated too; the held-out rates below come from
-        # images the filter never saw.
-        a_clean = activations(pm, net, lay, xt)
-        gap_std, mu, sd = standardise(a_clean, activations(pm, net, lay, _stamp_all(xt, yt, trigs)[0]))
+        # Ranked on the original network (a copy kept before unlearning/pruning changed
+        # it; else the network itself), on the patching split, where the threshold is
+        # calibrated too; the held-out rates below come from images the filter never saw.
+        fpm = orig_pm if orig_pm is not None else pm
+        fnet = fpm.net
+        a_clean = activations(fpm, fnet, lay, xt)
+        gap_std, mu, sd = standardise(a_clean, activations(fpm, fnet, lay, _stamp_all(xt, yt, trigs)[0]))
         neurons = choose_neurons(gap_std, top_fraction, min_neurons)
         center, scale = [float(mu[j]) for j in neurons], [float(sd[j]) for j in neurons]
         xs_h, ts_h = _stamp_all(xh, yh, trigs)
@@ -482,13 +550,13 @@ def patch(
                 f"rate at {fpr:.0%} with 90% confidence; the threshold is the largest clean score "
                 "(give more clean images)"
             )
-        s_clean = prof0.score(activations(pm, net, lay, xh)).numpy()
-        s_trig = prof0.score(activations(pm, net, lay, xs_h)).numpy()
+        s_clean = prof0.score(activations(fpm, fnet, lay, xh)).numpy()
+        s_trig = prof0.score(activations(fpm, fnet, lay, xs_h)).numpy()
         f_fpr, f_fnr = rates(s_clean, s_trig, thr)
         with torch.no_grad():
             rank = 2
-            with capture(net, lay) as st:
-                pm(xh[:1].to(dev))
+            with capture(fnet, lay) as st:
+                fpm(xh[:1].to(dev))
                 rank = st[0].dim()
         profile = FilterProfile(neurons=neurons, threshold=thr, rank_dims=rank, center=center, scale=scale)
         pred = predict(pm, xs_h, device=dev)
@@ -498,7 +566,8 @@ def patch(
             sel = ts_h == t
             asr_filter[t] = float(((pred[sel] == t) & ~flagged[sel]).float().mean()) if sel.any() else float("nan")
         result.update(filter_threshold=thr, filter_neurons=neurons, filter_fpr=f_fpr, filter_fnr=f_fnr,
-                      attack_success_after_filter=asr_filter)
+                      attack_success_after_filter=asr_filter,
+                      filter_calibrated_on="original" if orig_pm is not None else "patched")
         timings["filter"] = time.perf_counter() - t4
 
     # ---- guard
@@ -544,7 +613,16 @@ def patch(
         assert lay is not None
         if export_mode == "reexport":
             raise ModelError("the filter needs the original graph's activation tensor, but the model had to be re-exported; patch with --filter alone")
-        proto = add_filter(proto, lay.value, profile)
+        act = lay.value
+        if orig_pm is not None:
+            try:
+                proto, act = add_original_branch(proto, om.proto, lay.value)
+            except ValueError as e:
+                raise ModelError(
+                    f"cannot copy the original network's path to {lay.value} into the filter ({e}); "
+                    "patch with --filter alone, then --unlearn/--prune separately"
+                ) from None
+        proto = add_filter(proto, act, profile)
     set_metadata(proto, provenance("+".join(methods), om, chosen_labels, figures, prep.preprocess))
     proto = finalize(proto)
     model_bytes, data_bytes = serialize(proto, out_path or Path(om.path.name + ".patched.onnx"))
@@ -556,7 +634,7 @@ def patch(
         from .mitigate.filter import FLAG, SCORE
 
         got_s, got_f = run_outputs(sess, om, xh_model, [SCORE, FLAG])
-        ref_s = profile.score(activations(pm, net, lay, xh)).numpy()
+        ref_s = profile.score(activations(fpm, fnet, lay, xh)).numpy()
         scale = max(1.0, float(np.max(np.abs(ref_s))))
         par_filter = float(np.max(np.abs(got_s.astype(np.float32) - ref_s))) / scale
         if par_filter > 1e-4:
@@ -589,4 +667,6 @@ def patch(
         parity_max_rel=par.max_rel, parity_filter_max_rel=par_filter, trigger_source=source,
         unlearn=result.get("unlearn"), labels_from_predictions=from_pred,
         elapsed_seconds=time.perf_counter() - t0, timings=timings, warnings=warnings,
+        scan_verdict=scan_verdict, scan_reasons=scan_reasons,
+        filter_calibrated_on=result.get("filter_calibrated_on"),
     )

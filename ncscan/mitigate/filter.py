@@ -11,6 +11,12 @@ is kept, and two outputs are added, computed inside the graph from the activatio
 
     ncscan_score = ReduceMean((Gather(activation, neurons, axis=1) - center) / scale)  float [N]
     ncscan_flag  = Greater(ncscan_score, threshold)                   bool  [N]
+
+When the network itself was changed too (unlearning, pruning), the filter profiles the
+ORIGINAL network: after unlearning, the reversed trigger no longer moves the patched
+network's neurons, so a profile calibrated there misses most triggered inputs. The wrapper
+then carries a copy of the original nodes that compute the activation (`add_original_branch`).
+The score/flag outputs name their batch axis as the model's input does.
 """
 
 from __future__ import annotations
@@ -138,6 +144,66 @@ def _opset(proto: onnx.ModelProto) -> int:
     return 0
 
 
+BRANCH = "ncscan_orig/"
+
+
+def add_original_branch(proto: onnx.ModelProto, original: onnx.ModelProto, tensor: str) -> tuple[onnx.ModelProto, str]:
+    """Copy into `proto` the nodes of `original` that compute `tensor` from the graph input,
+    with the original initializers, every name prefixed with BRANCH.
+
+    Returns:
+        (a new proto, the name of the copied tensor).
+
+    Raises:
+        ValueError: the activation depends on something other than the image input and
+            initializers, or on a node with subgraphs.
+    """
+    og = original.graph
+    inits = {t.name: t for t in og.initializer}
+    inputs = {i.name for i in og.input} - set(inits)
+    producer = {o: n for n in og.node for o in n.output if o}
+    picked: set[int] = set()
+    used: set[str] = set()
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if not t or t in seen:
+            continue
+        seen.add(t)
+        if t in inits:
+            used.add(t)
+        elif t not in inputs:
+            n = producer.get(t)
+            if n is None:
+                raise ValueError(f"tensor {t!r} has no producer in the original graph")
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+                raise ValueError(f"node {n.name or n.op_type} has subgraphs")
+            picked.add(id(n))
+            stack.extend(n.input)
+
+    def ren(name: str) -> str:
+        return name if not name or name in inputs else BRANCH + name
+
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    for n in og.node:  # original (topological) order
+        if id(n) in picked:
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            c.name = BRANCH + (n.name or n.output[0])
+            c.ClearField("input")
+            c.ClearField("output")
+            c.input.extend(ren(i) for i in n.input)
+            c.output.extend(ren(o) for o in n.output)
+            m.graph.node.append(c)
+    for name in sorted(used):
+        t = onnx.TensorProto()
+        t.CopyFrom(inits[name])
+        t.name = BRANCH + name
+        m.graph.initializer.append(t)
+    return m, ren(tensor)
+
+
 def add_filter(proto: onnx.ModelProto, activation: str, profile: FilterProfile) -> onnx.ModelProto:
     """Append the score/flag outputs to a copy of `proto` (nothing else changes)."""
     m = onnx.ModelProto()
@@ -179,9 +245,12 @@ def add_filter(proto: onnx.ModelProto, activation: str, profile: FilterProfile) 
     init_names = {t.name for t in g.initializer}
     data_in = [i for i in g.input if i.name not in init_names]
     batch = data_in[0].type.tensor_type.shape.dim[0] if data_in and data_in[0].type.tensor_type.shape.dim else None
+    # The same batch axis as the model's input: its symbolic name, or its fixed size.
     dim: list[object] = ["N"]
     if batch is not None and batch.HasField("dim_value") and batch.dim_value > 0:
         dim = [int(batch.dim_value)]
+    elif batch is not None and batch.HasField("dim_param") and batch.dim_param:
+        dim = [batch.dim_param]
     g.output.extend([
         helper.make_tensor_value_info(SCORE, TensorProto.FLOAT, dim),
         helper.make_tensor_value_info(FLAG, TensorProto.BOOL, dim),
