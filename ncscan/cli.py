@@ -41,6 +41,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -112,8 +113,76 @@ def _preprocess_kwargs(
     }
 
 
+# --config keys: (kind, lower bound, lower bound inclusive?, upper bound) and what to write.
+_CONFIG_RULES: dict[str, tuple[str, Optional[float], bool, Optional[float], str]] = {
+    "lr": ("float", 0.0, False, None, "a number > 0"),
+    "batch_size": ("int", 1, True, None, "an integer >= 1"),
+    "mini_batches": ("int", 1, True, None, "an integer >= 1"),
+    "max_steps": ("int", 1, True, None, "an integer >= 1"),
+    "label_chunk": ("int?", 1, True, None, "an integer >= 1 (or omit it: fit to memory)"),
+    "memory_budget_mb": ("float?", 0.0, False, None, "a number of MB > 0 (or omit it)"),
+    "verify_images": ("int", 0, True, None, "an integer >= 0 (0 disables the check)"),
+    "init_cost": ("float", 0.0, True, None, "a number >= 0"),
+    "attack_succ_threshold": ("float", 0.0, False, 1.0, "a fraction in (0, 1]"),
+    "patience": ("int", 1, True, None, "an integer >= 1"),
+    "cost_multiplier_up": ("float", 1.0, False, None, "a number > 1"),
+    "cost_multiplier_down": ("float", 1.0, False, None, "a number > 1"),
+    "early_stop": ("bool", None, True, None, "true or false"),
+    "early_stop_threshold": ("float", 0.0, False, 1.0, "a fraction in (0, 1]"),
+    "early_stop_patience": ("int", 1, True, None, "an integer >= 1"),
+}
+
+
+def _check_config(path: Path, obj: dict[str, Any]) -> None:
+    """Type- and range-check --config values (unknown keys are reported by _reverse_config)."""
+
+    def bad(key: str, want: str, value: Any) -> ConfigError:
+        return ConfigError(f"--config {path}: {key} must be {want}, got {value!r}; fix {key} in {path}")
+
+    for key, value in obj.items():
+        if key == "betas":
+            ok = (
+                isinstance(value, (list, tuple)) and len(value) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value)
+            )
+            if not ok:
+                raise bad(key, "two numbers in [0, 1), e.g. [0.5, 0.9]", value)
+            continue
+        if key == "name":
+            if value not in ("fast", "reference"):
+                raise bad(key, '"fast" or "reference"', value)
+            continue
+        rule = _CONFIG_RULES.get(key)
+        if rule is None:
+            continue
+        kind, lo, lo_incl, hi, want = rule
+        if kind.endswith("?"):
+            if value is None:
+                continue
+            kind = kind[:-1]
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise bad(key, want, value)
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and not isinstance(value, int)):
+            raise bad(key, want, value)
+        if value != value or (lo is not None and (value < lo or (value == lo and not lo_incl))) or (hi is not None and value > hi):
+            raise bad(key, want, value)
+
+
+def _require_paths(model: Optional[Path] = None, data: Optional[Path] = None) -> None:
+    """A missing model or data path fails in milliseconds, before torch is imported (the
+    same messages as the loaders')."""
+    from .errors import DataError, ModelError
+
+    if model is not None and not model.exists():
+        raise ModelError(f"model file {model} does not exist; check the path")
+    if data is not None and not data.exists():
+        raise DataError(f"data path {data} does not exist; pass --data DIR (images) or FILE.npz")
+
+
 def _load_config(path: Optional[Path]) -> dict[str, Any]:
-    """Read hyperparameter overrides from a JSON or TOML file."""
+    """Read hyperparameter overrides from a JSON or TOML file (values type- and range-checked)."""
     if path is None:
         return {}
     try:
@@ -131,6 +200,7 @@ def _load_config(path: Optional[Path]) -> dict[str, Any]:
         raise ConfigError(f"--config {path} is not valid {path.suffix[1:] or 'JSON'}: {e}") from e
     if not isinstance(obj, dict):
         raise ConfigError(f"--config {path} must hold an object of settings")
+    _check_config(path, obj)
     return obj
 
 
@@ -217,7 +287,7 @@ PrescreenOpt = Annotated[Optional[Prescreen], typer.Option("--prescreen", help="
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON or TOML file of optimiser/schedule settings (lr, betas, batch_size, mini_batches, max_steps, init_cost, patience, ...).")]
 
 
-@app.command("scan")
+@app.command("scan", short_help="Scan a model for backdoors (the default command).")
 def scan_cmd(
     model: Annotated[Path, typer.Argument(help="The ONNX model to scan.", show_default=False)],
     data: DataOpt,
@@ -246,6 +316,7 @@ def scan_cmd(
     debug: DebugOpt = False,
 ) -> int:
     """Scan MODEL for backdoors (the default command: `ncscan MODEL --data DIR`)."""
+    _require_paths(model, data)  # before the imports below load torch
     from .io import atomic_write_text, check_output_path, refuse_inputs
     from .report import render_table, render_verdict, report_json, sarif_text, write_triggers
     from .scanner import scan
@@ -300,6 +371,16 @@ def scan_cmd(
             bar.stop()
         if backend is not None:
             backend.close()
+    from .scanner import PRESCREEN_KEEP_MIN, PRESCREEN_SAMPLE
+
+    if prescreen == Prescreen.on and len(report.labels) <= PRESCREEN_SAMPLE + PRESCREEN_KEEP_MIN:
+        from dataclasses import replace
+
+        report = replace(report, warnings=[*report.warnings, (
+            f"--prescreen on was not used: pre-screening needs more than {PRESCREEN_SAMPLE + PRESCREEN_KEEP_MIN} "
+            f"labels (a {PRESCREEN_SAMPLE}-label reference sample for the statistics plus {PRESCREEN_KEEP_MIN} "
+            f"suspects) and this scan has {len(report.labels)}; every label was fully optimised instead"
+        )])
     if triggers is not None:
         write_triggers(report, triggers)
     if fmt == Format.table:
@@ -338,7 +419,7 @@ class Framework(str, Enum):
     torch = "torch"
 
 
-@app.command("export")
+@app.command("export", short_help="Export a Keras/PyTorch model file to ONNX.")
 def export_cmd(
     source: Annotated[Path, typer.Argument(help="Keras .keras/.h5 or SavedModel dir; TorchScript file or torch.export .pt2.", show_default=False)],
     framework: Annotated[Framework, typer.Option("--from", help="The framework the model comes from.", case_sensitive=False)],
@@ -389,11 +470,11 @@ def version_cmd() -> int:
 
 from .cli_patch import patch_cmd  # noqa: E402  (uses the option aliases above)
 
-app.command("patch")(patch_cmd)
+app.command("patch", short_help="Mitigate a found backdoor; write ONNX.")(patch_cmd)
 
 from .cli_many import scan_many_cmd  # noqa: E402
 
-app.command("scan-many")(scan_many_cmd)
+app.command("scan-many", short_help="Scan many models (locally or on Ray).")(scan_many_cmd)
 
 
 # Frameworks that log or warn on stderr on their own (deprecations, oneDNN/absl notices,

@@ -17,6 +17,7 @@ import typer
 
 from .cli import (
     _preprocess_kwargs,
+    _require_paths,
     Bgr,
     DataOpt,
     DebugOpt,
@@ -115,6 +116,7 @@ def patch_cmd(
     debug: DebugOpt = False,
 ) -> int:
     """Mitigate a found backdoor (unlearning, pruning, input filter) and write ONNX."""
+    _require_paths(model, data)  # before ncscan.patch loads torch
     from .io import atomic_write_text, check_output_path
     from .patch import patch
 

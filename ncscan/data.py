@@ -224,11 +224,30 @@ def load_data(
             "clean images (a few hundred recommended)"
         )
     if max_images is not None and len(ds) > max_images:
-        rng = np.random.default_rng(seed)
-        idx = np.sort(rng.permutation(len(ds))[:max_images])
+        idx = subset_indices(ds.y, len(ds), max_images, seed)
         ds.x = ds.x[idx]
         ds.y = ds.y[idx] if ds.y is not None else None
     return ds
+
+
+def subset_indices(y: np.ndarray | None, n: int, k: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset of k of n images, class-stratified when the
+    labels are known: each class keeps its share of k (largest remainders get the leftover
+    places, ties broken at random), drawn at random within the class.
+    Unlabelled data: a plain random subset."""
+    rng = np.random.default_rng(seed)
+    if y is None or k >= n:
+        return np.sort(rng.permutation(n)[:k])
+    classes, counts = np.unique(y, return_counts=True)
+    exact = counts * (k / n)
+    take = np.floor(exact).astype(int)
+    left = k - int(take.sum())
+    if left > 0:
+        # largest remainder first; a random key breaks ties so no class is always favoured
+        order = np.lexsort((rng.random(len(classes)), -(exact - take)))
+        take[order[:left]] += 1
+    idx = [rng.permutation(np.flatnonzero(y == c))[:t] for c, t in zip(classes, take)]
+    return np.sort(np.concatenate(idx))
 
 
 def _load_npz(p: Path, channels: int) -> Dataset:

@@ -54,15 +54,21 @@ class FilteredModel:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.has_filter = SCORE in self.output_names and FLAG in self.output_names
         self.metadata = meta
+        dims = list(shape)
+        ax = -1 if self.preprocess.layout == "NHWC" else 1
+        self.channels: int | None = dims[ax] if len(dims) == 4 and isinstance(dims[ax], int) else None
 
     def to_model_input(self, images: Any) -> np.ndarray:
-        """uint8 HWC / NHWC, or float [0,1] NCHW -> the model's input tensor."""
+        """uint8 HWC / NHWC (NHW for a 1-channel model), or float [0,1] NCHW -> the model's input tensor."""
         x = np.asarray(images)
         if x.dtype == np.uint8:
             if x.ndim == 2:
                 x = x[None, :, :, None]
             elif x.ndim == 3:
-                x = x[None]
+                # HxWxC (one image), or NxHxW (a batch of greyscale images for a 1-channel
+                # model): a last axis that is not a channel count the model takes is N,H,W.
+                c = self.channels
+                x = x[:, :, :, None] if c == 1 and x.shape[-1] not in (1, 3, 4) else x[None]
             if x.ndim != 4:
                 raise DataError(f"uint8 images must be HxWxC or NxHxWxC, got shape {x.shape}")
             x = x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0

@@ -93,12 +93,20 @@ def test_scan_outputs_respect_umask(short_scan: dict[str, Any]) -> None:
     assert {f.name: oct(_mode(f)) for f in files} == {f.name: oct(0o666 & ~UMASK) for f in files}
 
 
-def test_patch_output_and_report_respect_umask(report7: Path, tmp_path: Path) -> None:
-    out, rep = tmp_path / "filtered.onnx", tmp_path / "patch.json"
+@pytest.fixture(scope="module")
+def filtered(report7: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """`ncscan patch --filter` of mnist_badnets_square under umask 002: (model, JSON result)."""
+    d = tmp_path_factory.mktemp("filtered")
+    out, rep = d / "filtered.onnx", d / "patch.json"
     with _umask(UMASK):
         rc, _, err = _run(["patch", str(SQUARE), "--data", str(SCAN), "--filter", "--report", str(report7),
                            "-o", str(out), "--output-report", str(rep), "--device", "cpu", "-q"])
     assert rc == 0, err
+    return out, rep
+
+
+def test_patch_output_and_report_respect_umask(filtered: tuple[Path, Path]) -> None:
+    out, rep = filtered
     assert oct(_mode(out)) == oct(0o664) and oct(_mode(rep)) == oct(0o664)
 
 
@@ -228,3 +236,91 @@ def test_unlearn_and_filter_calibrate_on_the_original_network(report7: Path, tmp
     assert float((out_trig.argmax(1) == 7).mean()) <= 0.05  # and the network itself is unlearned
     g = onnx.load(str(out)).graph
     assert any(n.name.startswith("ncscan_orig/") for n in g.node)
+
+
+# ------------------------------------------------------------------ 6. API and CLI papercuts
+
+
+def test_dash_h_and_untruncated_command_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["-h"]) == 0
+    top = capsys.readouterr().out
+    assert "Commands:" in top and "..." not in top.split("Commands:", 1)[1]
+    for cmd in ("scan", "patch", "export", "scan-many"):
+        assert cmd in top
+        assert run([cmd, "-h"]) == 0
+        assert "--help" in capsys.readouterr().out
+
+
+def test_prescreen_on_at_few_labels_says_why(short_scan: dict[str, Any]) -> None:
+    rep = json.loads(short_scan["out"])
+    msg = [w for w in rep["warnings"] if w.startswith("--prescreen on was not used")]
+    assert msg and "needs more than 32 labels" in msg[0] and "this scan has 10" in msg[0]
+    assert msg[0] in short_scan["err"]  # also on stderr
+
+
+@pytest.mark.parametrize(
+    "cfg, key",
+    [
+        ({"lr": "x"}, "lr"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_steps": 2.5}, "max_steps"),
+        ({"betas": [0.5]}, "betas"),
+        ({"early_stop": "yes"}, "early_stop"),
+        ({"attack_succ_threshold": 1.5}, "attack_succ_threshold"),
+        ({"label_chunk": True}, "label_chunk"),
+    ],
+)
+def test_config_values_are_checked(cfg: dict[str, Any], key: str, tmp_path: Path) -> None:
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(cfg))
+    rc, _, err = _run([str(CLEAN), "--data", str(SCAN), "--config", str(p), "--device", "cpu"])
+    assert rc == 2, err
+    _one_line_error(err, f"--config {p}: {key} must be ")
+    assert f"fix {key} in {p}" in err
+
+
+def test_filtered_model_serves_greyscale_batches_and_keeps_the_batch_axis(filtered: tuple[Path, Path]) -> None:
+    import onnx
+
+    from ncscan.serve import FilteredModel
+
+    out, _ = filtered
+    g = onnx.load(str(out)).graph
+    batch = g.input[0].type.tensor_type.shape.dim[0].dim_param
+    assert batch == "batch"
+    for o in g.output:
+        if o.name.startswith("ncscan_"):
+            assert o.type.tensor_type.shape.dim[0].dim_param == batch
+    x = np.load(TEST)["x"][:20]  # uint8 N,H,W,1
+    fm = FilteredModel(out)
+    ref = fm.predict(x)
+    got = fm.predict(x[..., 0])  # N,H,W
+    assert got.labels.shape == (20,)
+    np.testing.assert_array_equal(got.labels, ref.labels)
+    np.testing.assert_array_equal(got.flags, ref.flags)
+    one = fm.predict(x[0])  # one H,W,1 image is still one image
+    assert one.labels.shape == (1,)
+
+
+@pytest.mark.parametrize("which", ["model", "data"])
+def test_missing_paths_fail_before_torch_is_imported(which: str, tmp_path: Path) -> None:
+    args = ["nope.onnx", "--data", str(SCAN)] if which == "model" else [str(CLEAN), "--data", "nope_dir"]
+    for cmd in (["scan"], ["patch", "--unlearn", "-o", "x.onnx"]):
+        code = (
+            "import sys\nfrom ncscan.cli import run\n"
+            f"rc = run({[cmd[0], *args, *cmd[1:]]!r})\n"
+            "print(rc, 'torch' in sys.modules)"
+        )
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert p.stdout.split() == ["2", "False"], p.stdout + p.stderr
+        _one_line_error(p.stderr, "nope")
+
+
+def test_max_images_subset_is_class_stratified() -> None:
+    from ncscan.data import load_data
+
+    for k in (50, 37):
+        ds = load_data(SCAN, channels=1, size=(28, 28), num_classes=10, max_images=k, seed=3)
+        assert ds.y is not None and len(ds.y) == k
+        counts = np.bincount(ds.y, minlength=10)
+        assert counts.max() - counts.min() <= 1, counts  # 30 images per class in the folder
