@@ -311,6 +311,7 @@ def scan_cmd(
     prescreen: PrescreenOpt = None,
     config: ConfigOpt = None,
     exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even when a backdoor is found or the scan is inconclusive.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Scan even when the clean accuracy is near chance or every image gets the same prediction (usually wrong preprocessing; the verdict is then suspect).")] = False,
     ray: RayOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -365,6 +366,7 @@ def scan_cmd(
             prescreen=(prescreen.value if prescreen is not None else "auto"),
             progress=on_progress,
             runner=backend.runner if backend is not None else None,
+            force=force,
         )
     finally:
         if bar is not None:

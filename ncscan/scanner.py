@@ -14,15 +14,15 @@ import torch
 
 from . import __version__
 from .data import Dataset, check_labels, load_data
-from .errors import ConfigError, DeviceError, ModelError
+from . import sanity
+from .errors import ConfigError, DataError, DeviceError, ModelError
 from .model import OnnxModel, Parity, check_parity, convert, load_onnx, ort_run, ort_session
-from .preprocess import PixelModel, Preprocess, resolve_preprocess
-from .reverse import ChunkRunner, LabelTrace, Progress, ReverseConfig, attack_success, predict, preset, reverse_engineer
+from .preprocess import PixelModel, Preprocess, preprocess_from_metadata, resolve_preprocess
+from .reverse import ChunkRunner, LabelTrace, Progress, ReverseConfig, attack_success, preset, reverse_engineer
 from .stats import anomaly_indices
 from .trigger import Trigger
 
 PARITY_IMAGES = 64
-LOW_ACCURACY = 0.5
 
 
 def resolve_device(device: str) -> torch.device:
@@ -194,6 +194,16 @@ class Prepared:
     device: torch.device
     warnings: list[str]
     clean_accuracy: float | None
+    # Why the data cannot support a verdict (near-chance accuracy, collapsed predictions),
+    # set only when `force` let the scan go on anyway.
+    doubt: str | None = None
+
+
+def _scores(pm: PixelModel, x: torch.Tensor, dev: torch.device, batch: int = 512) -> np.ndarray:
+    """The model's scores (logits or log-probabilities) for [0,1] images, as float64."""
+    with torch.no_grad():
+        out = [pm(x[i : i + batch].to(dev)).double().cpu() for i in range(0, len(x), batch)]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
 
 
 def prepare(
@@ -210,8 +220,14 @@ def prepare(
     device: str = "auto",
     seed: int = 0,
     rtol: float = 1e-4,
+    force: bool = False,
 ) -> Prepared:
-    """Load + check the model, load the data, convert, and verify the conversion.
+    """Load + check the model, load the data, convert, verify the conversion, and check
+    that the preprocessing is plausible (`ncscan.sanity`).
+
+    Args:
+        force: go on (with a warning) when the clean accuracy is near chance or the
+            predictions collapse onto one class; otherwise that is a DataError.
 
     Raises:
         NcscanError subclasses for anything the user can fix.
@@ -271,17 +287,29 @@ def prepare(
     y = torch.from_numpy(ds.y) if ds.y is not None else None
     check_labels(ds.y, k, str(ds.source))
     pm = pm.to(dev)
-    acc = None
-    if y is not None:
-        pred = predict(pm, x, device=dev)
-        acc = float((pred == y).float().mean())
-        if acc < LOW_ACCURACY:
-            warnings.append(
-                f"the model classifies only {acc:.0%} of your labelled images correctly: the "
-                "preprocessing is probably wrong (check --pixel-range, --mean/--std, --bgr, "
-                "--layout) or the class folders don't match the model's classes (--labels); "
-                "scan results on wrongly preprocessed data are meaningless"
-            )
+    # Wrong preprocessing makes any verdict meaningless: check it before optimising.
+    doubt: str | None = None
+    meta_pp = preprocess_from_metadata(om.metadata)
+    warnings += sanity.metadata_overrides(meta_pp, overrides)
+    scores = _scores(pm, x, dev)
+    acc = None if y is None else float((scores.argmax(1) == ds.y).mean())
+
+    def score_with(changes: dict[str, Any], idx: np.ndarray) -> np.ndarray:
+        alt = PixelModel(net, replace(pp, **changes), ch, output_is_prob=is_prob,
+                         static_batch_one=om.input.batch == 1).to(dev)
+        return _scores(alt, x[torch.from_numpy(idx)], dev)
+
+    check = sanity.check_preprocessing(
+        scores, ds.y, score_with,
+        sanity.candidates(pp.pixel_range, pp.mean, pp.std, pp.channel_order, ch),
+        setting=sanity.describe_setting(pp, src, meta_pp), class_names=ds.class_names, seed=seed,
+    )
+    warnings += check.warnings
+    if check.stop is not None:
+        if not force:
+            raise DataError(check.stop)
+        warnings.append(check.stop.replace("; or pass --force to scan anyway", "") + " (--force: scanned anyway)")
+        doubt = check.stop
     return Prepared(
         onnx=om,
         preprocess=pp,
@@ -296,6 +324,7 @@ def prepare(
         device=dev,
         warnings=warnings,
         clean_accuracy=acc,
+        doubt=doubt,
     )
 
 
@@ -319,6 +348,7 @@ def scan(
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     runner: Callable[[Prepared], ChunkRunner] | None = None,
+    force: bool = False,
 ) -> ScanReport:
     """Scan an ONNX image classifier for backdoors with Neural Cleanse.
 
@@ -342,6 +372,8 @@ def scan(
         runner: given the prepared model, returns a `ChunkRunner` that optimises the label
             chunks elsewhere (`ncscan.distributed.RayBackend.runner`); the statistics are
             still computed here once every chunk is back. None: optimise locally.
+        force: scan even when the clean accuracy is near chance or the predictions
+            collapse onto one class (otherwise a DataError before any optimisation).
 
     Returns:
         The ScanReport.
@@ -355,6 +387,7 @@ def scan(
     prep = prepare(
         model, data, pixel_range=pixel_range, mean=mean, std=std, channel_order=channel_order,
         layout=layout, labels_file=labels_file, max_images=max_images, device=device, seed=seed,
+        force=force,
     )
     t_prep = time.perf_counter() - t0
     cfg = preset(schedule) if isinstance(schedule, str) else schedule
