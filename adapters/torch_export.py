@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ncscan.errors import ConfigError, ModelError
+from ncscan.tfcompat import block_triton_after_tensorflow
 
 from ._common import (
     DEFAULT_OPSET,
@@ -158,6 +159,7 @@ def to_onnx(
     Returns:
         ExportResult (path, opset, IR version, max parity diff, metadata written).
     """
+    block_triton_after_tensorflow()  # torch.onnx/torch.export import torch._dynamo -> triton
     torch = require("torch", "torch-export")
     out = check_output_path(path)
     layout = layout.upper()
@@ -236,6 +238,7 @@ def load_file(source: Path) -> tuple[Any, bool]:
     Returns:
         (model, is_program)
     """
+    block_triton_after_tensorflow()
     torch = require("torch", "torch-export")
     if not source.is_file():
         raise ModelError(

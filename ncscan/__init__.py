@@ -13,6 +13,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from .tfcompat import block_triton_after_tensorflow as _block_triton
+
+_block_triton()  # TensorFlow already loaded: torch's lazy `import triton` would segfault
+
 __all__ = [
     "__version__",
     "scan",
@@ -28,6 +32,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import ncscan` stays cheap (torch/onnx load on first use).
+    _block_triton()  # TensorFlow may have been imported after ncscan
     if name == "scan":
         from .scanner import scan
 

@@ -382,6 +382,9 @@ def ort_run(sess: Any, model: OnnxModel, x_model: np.ndarray, batch: int = 256) 
 
 def unsupported_ops(proto: onnx.ModelProto) -> list[str]:
     """Every (op, version) in the graph that no registered converter handles."""
+    from .tfcompat import block_triton_after_tensorflow
+
+    block_triton_after_tensorflow()  # onnx2torch imports torch._dynamo -> triton
     from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription
 
     from . import converters  # noqa: F401  (registers ncscan's extra converters)
@@ -444,9 +447,9 @@ def convert(model: OnnxModel) -> torch.nn.Module:
         UnsupportedOpsError: listing ALL unsupported operators at once.
         ModelError: onnx2torch failed for another reason.
     """
+    missing = unsupported_ops(model.proto)  # first: it also guards the onnx2torch import
     from onnx2torch import convert as o2t_convert
 
-    missing = unsupported_ops(model.proto)
     if missing:
         raise UnsupportedOpsError(
             missing,

@@ -73,12 +73,14 @@ def check_onnx_file(path: Path, reference, sample_shape, *, pixel_range=(0.0, 1.
 
 
 def onnx2torch_matches(path: Path, x: np.ndarray) -> float:
-    """ncscan's converter (onnx2torch) must take the exported file and agree with ORT."""
-    import onnx
+    """ncscan's converter (onnx2torch + ncscan's extra converters) must take the exported
+    file and agree with ORT. Through ncscan, not onnx2torch directly: after `import
+    tensorflow` (the Keras tests) a direct onnx2torch import pulls in triton and segfaults."""
     import torch
-    from onnx2torch import convert
 
-    net = convert(onnx.load(str(path))).eval()
+    from ncscan.model import convert, load_onnx
+
+    net = convert(load_onnx(path)).eval()
     with torch.no_grad():
         got = net(torch.from_numpy(x.astype(np.float32))).numpy()
     d = rel_diff(got, ort_run(path, x))
@@ -627,3 +629,59 @@ def test_ncscan_scans_jax_fixture(infected):
         assert list(report.flagged) == f["targets"]
     else:
         assert report.verdict == "clean" and not report.flagged
+
+
+# ------------------------------------- TensorFlow and torch in one process (issue #15 item 7)
+
+_TF_THEN_SCAN = r"""
+import sys
+import tensorflow as tf  # first, as in a Keras user's notebook
+import keras
+import numpy as np
+from ncscan.adapters.keras import to_onnx
+import ncscan
+from ncscan.reverse import preset
+from dataclasses import replace
+
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Rescaling(1 / 255),
+                          keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Flatten(),
+                          keras.layers.Dense(10)])
+out = sys.argv[1] + "/k.onnx"
+to_onnx(model, out, preprocess={"pixel_range": (0, 255)})
+rep = ncscan.scan(out, sys.argv[2], device="cpu", max_images=40, force=True,
+                  schedule=replace(preset("fast"), max_steps=1))
+assert len(rep.labels) == 10, rep.labels
+from ncscan.adapters.torch_export import to_onnx as torch_to_onnx
+import torch
+net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()
+torch_to_onnx(net, sys.argv[1] + "/t.onnx", input_shape=(1, 28, 28), dynamo=False)
+print("SURVIVED", rep.verdict)
+"""
+
+
+@pytest.mark.adapters
+def test_tensorflow_imported_first_then_export_and_scan_in_one_process(tmp_path):
+    """`import tensorflow` then anything that imports triton (torch._dynamo under onnx2torch,
+    torch.onnx) segfaulted; ncscan keeps triton out of such a process."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    data = REPO / "fixtures" / "data" / "mnist" / "scan"
+    r = subprocess.run(
+        [sys.executable, "-c", _TF_THEN_SCAN, str(tmp_path), str(data)],
+        capture_output=True, text=True, check=False, timeout=900,
+    )
+    assert r.returncode == 0 and "SURVIVED" in r.stdout, (r.returncode, r.stderr[-3000:])
+
+
+def test_triton_block_only_after_tensorflow():
+    """Pure check of the guard, in a fresh interpreter (no framework needed)."""
+    code = (
+        "import sys; from ncscan.tfcompat import block_triton_after_tensorflow as b; "
+        "assert b() is False and 'triton' not in sys.modules; "
+        "sys.modules['tensorflow'] = type(sys)('tensorflow'); "
+        "assert b() is True and sys.modules['triton'] is None; assert b() is True; "
+        "import importlib.util; assert importlib.util.find_spec('triton') is None; print('ok')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr

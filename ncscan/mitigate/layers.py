@@ -38,6 +38,9 @@ TRAINABLE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}
 
 def unique_names(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     """onnx2torch's submodule name for every top-level node (same rule as OnnxGraph)."""
+    from ..tfcompat import block_triton_after_tensorflow
+
+    block_triton_after_tensorflow()
     from onnx2torch.onnx_graph import OnnxGraph
 
     out: dict[str, onnx.NodeProto] = {}
