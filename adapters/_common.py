@@ -284,9 +284,15 @@ def finalize(
     metadata: Mapping[str, str],
     *,
     opset: int | None,
+    dynamic_batch: bool = True,
 ) -> tuple[Any, list[str]]:
-    """Embed external data, make the batch axis dynamic, cap the IR version, try to bring the
-    opset down to `opset`, attach metadata, check; returns (model, warnings). Does not save."""
+    """Embed external data, make the batch axis dynamic (unless `dynamic_batch` is False: a
+    graph traced at a fixed batch of 1 keeps it), cap the IR version, try to bring the
+    opset down to `opset`, attach metadata, check; returns (model, warnings). Does not save.
+
+    An opset the converter cannot lower is kept without a warning when ncscan converts
+    every op of the result (its extra converters cover torch's opset-18+ output); only ops
+    ncscan cannot scan are warned about."""
     import onnx
 
     warnings: list[str] = []
@@ -305,10 +311,13 @@ def finalize(
             onnx.checker.check_model(converted)
             proto = converted
         except Exception as e:  # noqa: BLE001 - the converter raises many types
-            warnings.append(
-                f"could not lower opset {cur} to {opset} ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); kept opset {cur}"
-            )
+            missing = _ops_ncscan_cannot_convert(proto)
+            if missing:
+                warnings.append(
+                    f"could not lower opset {cur} to {opset} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}); kept opset {cur}, where "
+                    f"ncscan cannot convert {', '.join(missing)}"
+                )
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
 
     # Dynamic batch axis on the image input and every output.
@@ -322,7 +331,7 @@ def finalize(
         )
     for vi in [inputs[0], *graph.output]:
         dims = vi.type.tensor_type.shape.dim
-        if len(dims) == 0:
+        if len(dims) == 0 or not dynamic_batch:
             continue
         # A fixed batch is relabelled too: the parity check at batch 1 and 5 then tells
         # whether the graph bakes the batch size in. Exporters' own names (unk__36,
@@ -345,6 +354,15 @@ def finalize(
             f"exported ONNX model fails onnx.checker: {str(e).splitlines()[0]}"
         ) from None
     return proto, warnings
+
+
+def _ops_ncscan_cannot_convert(proto: Any) -> list[str]:
+    """The graph's ops (as "Op-version") that ncscan's torch conversion lacks."""
+    try:
+        from ncscan.model import unsupported_ops
+    except ImportError:  # pragma: no cover - torch/onnx2torch are core dependencies
+        return ["(ncscan's converter is not importable)"]
+    return sorted(unsupported_ops(proto))
 
 
 def _relax_reshape_allowzero(proto: Any) -> None:
@@ -547,14 +565,16 @@ def complete_export(
     rtol: float = PARITY_RTOL,
     what: str = "framework",
     extra_warnings: Sequence[str] = (),
+    dynamic_batch: bool = True,
 ) -> ExportResult:
-    """finalize -> parity check at batch 1 and 5 -> atomic save."""
+    """finalize -> parity check at batch 1 and 5 (batch 1 only for a graph whose batch is
+    fixed at 1: `dynamic_batch=False`) -> atomic save."""
     import numpy as np
 
     channels = sample_shape[0] if layout == "NCHW" else sample_shape[-1]
     md = preprocessing.metadata(layout)
     md[META_EXPORTER] = exporter
-    proto, warns = finalize(proto, output, md, opset=opset)
+    proto, warns = finalize(proto, output, md, opset=opset, dynamic_batch=dynamic_batch)
     nout = proto.graph.output[0].type.tensor_type.shape.dim
     num_classes = int(nout[-1].dim_value) if len(nout) and nout[-1].dim_value > 0 else 0
     preprocessing.validate(channels=channels, num_classes=num_classes or None)
@@ -564,7 +584,10 @@ def complete_export(
         return preprocessing.random_inputs(b, sample_shape, layout, seed + 1000 * i + b)
 
     if verify:
-        rel, abs_d = verify_parity(data, reference, make_inputs, rtol=rtol, what=what)
+        rel, abs_d = verify_parity(
+            data, reference, make_inputs, rtol=rtol, what=what,
+            batches=PARITY_BATCHES if dynamic_batch else (1,),
+        )
     else:
         rel, abs_d = float("nan"), float("nan")
     if num_classes == 0:

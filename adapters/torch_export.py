@@ -49,8 +49,19 @@ def _example_shape_from_program(ep: Any) -> tuple[int, ...] | None:
         return None
 
 
-def _check_program_batch(ep: Any) -> None:
-    """A torch.export program must have a symbolic batch axis (its shapes are baked in)."""
+def export_recipe(shape: Sequence[int] | None, path: str = "model.pt2") -> str:
+    """The Python line that saves a torch.export program `ncscan export --from torch` takes
+    with a dynamic batch. The example batch is 2: torch specialises a dimension whose
+    example size is 0 or 1, so a batch-1 example cannot become dynamic."""
+    c, h, w = (str(v) for v in shape) if shape is not None and len(shape) == 3 else ("C", "H", "W")
+    return (
+        f"torch.export.save(torch.export.export(model.eval(), (torch.randn(2, {c}, {h}, {w}),), "
+        f"dynamic_shapes=({{0: torch.export.Dim('batch')}},)), '{path}')"
+    )
+
+
+def _program_batch(ep: Any) -> int | None:
+    """The fixed batch size a torch.export program was traced with (None: symbolic)."""
     sig = ep.graph_signature
     user = set(sig.user_inputs)
     for node in ep.graph.nodes:
@@ -58,12 +69,9 @@ def _check_program_batch(ep: Any) -> None:
             val = node.meta.get("val")
             shape = getattr(val, "shape", None)
             if shape is not None and len(shape) >= 1 and isinstance(shape[0], int):
-                raise ModelError(
-                    f"the torch.export program was exported with a fixed batch of {shape[0]}; "
-                    "re-export it with dynamic_shapes=({0: torch.export.Dim('batch')},) so ncscan "
-                    "can run any batch size"
-                )
-            return
+                return int(shape[0])
+            return None
+    return None
 
 
 @contextlib.contextmanager
@@ -183,8 +191,24 @@ def to_onnx(
         raise ConfigError(
             f"the model's input shape is unknown; pass --input-shape {what} (Python: input_shape=), e.g. 3,224,224"
         )
+    dynamic_batch = True
+    notes: list[str] = []
     if is_program:
-        _check_program_batch(model)
+        fixed = _program_batch(model)
+        if fixed is not None and fixed != 1:
+            raise ModelError(
+                f"the torch.export program was traced with a fixed batch of {fixed}, which a "
+                f"scanner cannot feed; save it with a dynamic batch: {export_recipe(shape)}"
+            )
+        if fixed == 1:
+            # Its shapes (e.g. a flatten's view(1, -1)) are baked in, so it cannot be
+            # re-traced with a dynamic batch; ncscan scans a batch-1 model image by image.
+            dynamic_batch = False
+            notes.append(
+                "the torch.export program has a fixed batch of 1, kept in the ONNX model: "
+                "ncscan scans it one image at a time (slower); for a dynamic batch save it "
+                f"with {export_recipe(shape)}"
+            )
         runner = model.module()
     else:
         if hasattr(model, "eval"):
@@ -218,6 +242,7 @@ def to_onnx(
     return complete_export(
         proto,
         out,
+        dynamic_batch=dynamic_batch,
         preprocessing=pre,
         layout=layout,
         exporter=exporter,
@@ -228,7 +253,7 @@ def to_onnx(
         seed=seed,
         rtol=rtol,
         what="torch",
-        extra_warnings=warns,
+        extra_warnings=[*notes, *warns],
     )
 
 
@@ -263,8 +288,9 @@ def load_file(source: Path) -> tuple[Any, bool]:
             pass
     raise ModelError(
         f"{source} is neither TorchScript nor a torch.export program (a pickled nn.Module or "
-        "state_dict needs its Python class); save it with torch.jit.script(model).save(path) "
-        "or torch.export.save(torch.export.export(model, (x,)), 'model.pt2'), or call "
-        "ncscan.adapters.torch_export.to_onnx(model, ...) from Python"
+        "state_dict needs its Python class to load); where the model is loaded, save it with "
+        f"{export_recipe(None)} (C,H,W: one image's shape) and run ncscan export --from torch "
+        "model.pt2 -o model.onnx, or call ncscan.adapters.torch_export.to_onnx(model, "
+        "'model.onnx', input_shape=(C, H, W)) there"
         + (f" [{errors[0][:200]}]" if source.suffix.lower() == ".pt2" and errors else "")
     )

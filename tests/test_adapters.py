@@ -631,6 +631,96 @@ def test_ncscan_scans_jax_fixture(infected):
         assert report.verdict == "clean" and not report.flagged
 
 
+# ------------------------------------------- the PyTorch path in one step (issue #15 item 3)
+
+
+def _mnist_net():
+    """A 1x28x28 net with a global mean (ReduceMean, which ONNX cannot lower from opset 18)
+    and a flatten (a view whose batch torch.export bakes in when traced at batch 1)."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 14 * 14 + 4, 10)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            g = h.mean((2, 3))
+            return self.fc(torch.cat([nn.functional.max_pool2d(h, 2).flatten(1), g], 1))
+
+    Net.__qualname__ = "_MnistNet"  # picklable by name, like a user's own class
+    globals()["_MnistNet"] = Net
+    torch.manual_seed(0)
+    return torch, Net().eval()
+
+
+def _run_recipe(message: str, torch, model, path: Path, shape=(1, 28, 28)) -> None:
+    """Run the `torch.export.save(...)` line an ncscan message gives, as a user would."""
+    import re
+
+    m = re.search(r"torch\.export\.save\(.*?'model\.pt2'\)", message)
+    assert m, message
+    code = m.group(0).replace("'model.pt2'", repr(str(path)))
+    code = code.replace("2, C, H, W", "2, " + ", ".join(map(str, shape)))
+    eval(code, {"torch": torch, "model": model})  # our own message, run as a user would
+    assert path.exists()
+
+
+@pytest.mark.adapters
+def test_torch_cli_hints_are_recipes_that_work(tmp_path, capsys):
+    """Every refusal on the PyTorch path names a recipe; following it, `ncscan export --from
+    torch` succeeds, and ncscan scans what it wrote (opset 18 kept without a warning)."""
+    pytest.importorskip("onnxscript")
+    from ncscan.cli import run
+
+    torch, net = _mnist_net()
+    data = str(REPO / "fixtures" / "data" / "mnist" / "scan")
+    # 1. a pickled nn.Module is refused with a recipe ...
+    pickled = tmp_path / "net.pt"
+    torch.save(net, str(pickled))
+    assert run(["export", "--from", "torch", str(pickled), "-o", str(tmp_path / "a.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # ... which, run, gives a program that exports with a dynamic batch
+    pt2 = tmp_path / "recipe.pt2"
+    _run_recipe(err, torch, net, pt2)
+    out = tmp_path / "recipe.onnx"
+    assert run(["export", "--from", "torch", str(pt2), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err, err  # opset 18 kept: ncscan converts it, nothing to warn about
+    import onnx
+
+    m = onnx.load(str(out))
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    onnx2torch_matches(out, np.random.default_rng(0).uniform(size=(3, 1, 28, 28)))
+    # 2. the batch-1 program that torch.export.export(model, (x,)) gives is accepted as is
+    b1 = tmp_path / "b1.pt2"
+    torch.export.save(torch.export.export(net, (torch.rand(1, 1, 28, 28),)), str(b1))
+    out1 = tmp_path / "b1.onnx"
+    assert run(["export", "--from", "torch", str(b1), "-o", str(out1)]) == 0
+    err = capsys.readouterr().err
+    assert "fixed batch of 1" in err
+    assert onnx.load(str(out1)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    # 3. a program traced at another fixed batch is refused with a recipe that works
+    b3 = tmp_path / "b3.pt2"
+    torch.export.save(torch.export.export(net, (torch.rand(3, 1, 28, 28),)), str(b3))
+    assert run(["export", "--from", "torch", str(b3), "-o", str(tmp_path / "b3.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "fixed batch of 3" in err and "torch.randn(2, 1, 28, 28)" in err
+    _run_recipe(err, torch, net, tmp_path / "b3fixed.pt2")
+    assert run(["export", "--from", "torch", str(tmp_path / "b3fixed.pt2"), "-o", str(tmp_path / "b3.onnx")]) == 0
+    capsys.readouterr()
+    # 4. ncscan scans both outputs (an untrained net: --force past the chance-accuracy stop)
+    for f in (out, out1):
+        rc = run([str(f), "--data", data, "--force", "--max-steps", "1", "--max-images", "60",
+                  "--device", "cpu", "-q", "-f", "json"])
+        rep = json.loads(capsys.readouterr().out)
+        assert rc in (0, 1, 4) and len(rep["labels"]) == 10
+
+
 # ------------------------------------- TensorFlow and torch in one process (issue #15 item 7)
 
 _TF_THEN_SCAN = r"""
