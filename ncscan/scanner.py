@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, sanity
 from .data import Dataset, check_labels, load_data
-from . import sanity
 from .errors import ConfigError, DataError, DeviceError, ModelError
 from .model import OnnxModel, Parity, check_parity, convert, load_onnx, ort_run, ort_session
 from .preprocess import PixelModel, Preprocess, preprocess_from_metadata, resolve_preprocess

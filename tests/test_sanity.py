@@ -62,7 +62,7 @@ def test_candidates_undo_the_usual_mistakes() -> None:
 
 
 def _stats(**kw: float) -> sanity.OutputStats:
-    base = dict(n=100, num_classes=10, saturated=0.0, top_class=0, top_share=0.1)
+    base: dict[str, float] = {"n": 100, "num_classes": 10, "saturated": 0.0, "top_class": 0, "top_share": 0.1}
     base.update(kw)
     return sanity.OutputStats(**base)  # type: ignore[arg-type]
 
