@@ -193,7 +193,9 @@ def scan_split(models: list[dict[str, Any]], seeds: list[int], jobs: int, tag: s
     done = set()
     if log.exists():
         done = {(d["name"], d["seed"]) for d in map(json.loads, log.read_text().splitlines())}
-    todo = [(e, s, max(1, 2 // jobs)) for e in models for s in seeds if (e["name"], s) not in done]
+    # Seed-major: every model's first seed before any model's second, so a cut-short run still
+    # covers the whole split.
+    todo = [(e, s, max(1, 2 // jobs)) for s in seeds for e in models if (e["name"], s) not in done]
     with mp.get_context("spawn").Pool(jobs) as pool, log.open("a") as f:
         for res in pool.imap_unordered(scan_one, todo):
             f.write(json.dumps(res) + "\n")
@@ -273,6 +275,81 @@ def summarise(models: list[dict[str, Any]], rows: list[dict[str, Any]], seeds: l
     print("\n".join(lines))
 
 
+VARIANTS = {
+    "default (min of runs, floor 0.4, 3.1 +- 0.2)": {},
+    "median of runs instead of min": {"size_of_runs": "median"},
+    "floor 0.2": {"scale_floor": 0.2},
+    "floor 0.3": {"scale_floor": 0.3},
+    "floor 0.5": {"scale_floor": 0.5},
+    "no restarts": {"restarts": 0, "recheck_restarts": 0},
+    "no band (3.1 +- 0)": {"band": 0.0},
+}
+
+
+def paper_rule(models: list[dict[str, Any]]) -> dict[str, int]:
+    """The paper's single-run MAD index > 2 on the same stored runs."""
+    from ncscan.stats import anomaly_indices
+
+    n = dict(infected_exact=0, infected=0, clean_flagged=0, clean=0, wrong_runs=0, runs=0)
+    for e in models:
+        f = EVIDENCE / f"{e['name']}.npz"
+        if not f.exists():
+            continue
+        l1 = np.load(f)["l1"]
+        truth = sorted(e["targets"]) if e["infected"] else []
+        oks = [sorted(anomaly_indices(l1[j]).flagged) == truth for j in range(l1.shape[0])]
+        n["runs"] += len(oks)
+        n["wrong_runs"] += oks.count(False)
+        if truth:
+            n["infected"] += 1
+            n["infected_exact"] += all(oks)
+        else:
+            n["clean"] += 1
+            n["clean_flagged"] += not all(oks)
+    return n
+
+
+def write_replay(models: list[dict[str, Any]], tag: str) -> None:
+    """The decision variants replayed on stored evidence -> bench/verdict_replay_<tag>.md."""
+    from dataclasses import replace
+
+    from ncscan.decide import DecideConfig
+
+    lines = [f"# Decision variants replayed on stored runs ({tag} split)", "",
+             f"`python bench/verdict_eval.py collect --split {tag} --runs 2 && "
+             f"python bench/verdict_eval.py replay --split {tag}`", "",
+             "Each model's labels were reversed in 2 independent full runs (seeds 0, 1; default optimiser). "
+             "A replay takes run j as the scan's first run and the other run as the restart of every label "
+             "the policy re-checks, for j = 0, 1 (so 2 pseudo-seeds per model; the real scan gives "
+             "re-checked labels 2-4 restarts).", "",
+             "| variant | infected exact (all pseudo-seeds) | clean flagged | models whose call differs between "
+             "pseudo-seeds | wrong calls / calls | lowest target score | highest non-target score |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    p = paper_rule(models)
+    lines.append(f"| paper: MAD index > 2, one run | {p['infected_exact']}/{p['infected']} | "
+                 f"{p['clean_flagged']}/{p['clean']} | | {p['wrong_runs']}/{p['runs']} | | |")
+    base = None
+    for name, kw in VARIANTS.items():
+        cfg = replace(DecideConfig(), **kw)
+        out = replay(models, cfg, verbose=False)
+        s = out["summary"]
+        lo = min((v for r in out["rows"] for v in r["target_score"] if np.isfinite(v)), default=float("nan"))
+        hi = max(v for r in out["rows"] for v in r["max_other"])
+        lines.append(f"| {name} | {s['infected_exact']}/{s['infected']} | {s['clean_flagged']}/{s['clean']} | "
+                     f"{s['flips']} | {s['wrong_runs']}/{s['runs']} | {lo:.2f} | {hi:.2f} |")
+        base = base or out
+    lines += ["", "Per model, default decision (score = log-size score; flag line 3.3, borderline 2.9-3.3):", "",
+              "| model | family | attack | targets | calls | target score | highest other score | extra label-runs |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in base["rows"]:
+        calls = " ".join(f"{v}{f if f else ''}" for v, f in zip(r["verdicts"], r["flagged"]))
+        ts = " ".join(f"{v:.2f}" for v in r["target_score"] if np.isfinite(v))
+        lines.append(f"| {r['name']} | {r['family']} | {r['attack']} | {r['truth']} | {calls} | {ts} | "
+                     f"{' '.join(f'{v:.2f}' for v in r['max_other'])} | {' '.join(map(str, r['extra']))} |")
+    (HERE / f"verdict_replay_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["collect", "replay", "scan"])
@@ -281,17 +358,18 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     names = [v for v in a.only.split(",") if v] or None
     models = load_manifest(a.split, names)
     if a.mode == "collect":
+        import torch
+
+        torch.set_num_threads(a.threads)
         for e in models:
             collect(e, a.runs)
     elif a.mode == "replay":
-        from ncscan.decide import DecideConfig
-
-        out = replay(models, DecideConfig())
-        print(json.dumps(out["summary"]))
+        write_replay(models, a.split)
     else:
         scan_split(models, [int(v) for v in a.seeds.split(",")], a.jobs, a.split.replace(",", "+"))
 

@@ -277,7 +277,7 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to optimise: 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table (machine formats still print).")]
 RayOpt = Annotated[Optional[str], typer.Option("--ray", help="Run the label chunks as Ray tasks on a cluster: auto (the one `ray start` runs here), local (start one for this run), HOST:PORT or ray://HOST:PORT. Needs ncscan[ray].", show_default=False)]
-ThresholdOpt = Annotated[float, typer.Option("--threshold", help="Anomaly-index threshold: labels below the median with a larger index are flagged.")]
+ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="Decision line on the log-size score (default 3.0): a label scoring above threshold + band (0.5) is flagged, one within the band is borderline.", show_default=False)]
 ScheduleOpt = Annotated[Schedule, typer.Option("--schedule", help="fast (ncscan default, labels batched) or reference (the original algorithm's settings, one label at a time).", case_sensitive=False)]
 MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Cap on optimisation steps per label.", min=1)]
 BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per label per mini-batch.", min=1)]
@@ -297,7 +297,7 @@ def scan_cmd(
     std: Std = None,
     bgr: Bgr = None,
     layout: LayoutOpt = None,
-    threshold: ThresholdOpt = 2.0,
+    threshold: ThresholdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
     fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table (human, stderr), json or sarif (stdout unless --output). Default: from --output's extension, else table.", case_sensitive=False)] = None,

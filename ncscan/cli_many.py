@@ -87,7 +87,7 @@ def scan_many_cmd(
     std: Std = None,
     bgr: Bgr = None,
     layout: LayoutOpt = None,
-    threshold: ThresholdOpt = 2.0,
+    threshold: ThresholdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
     fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table (summary on stderr), json or sarif: the combined document (stdout unless --output). Default: from --output's extension, else table.", case_sensitive=False)] = None,

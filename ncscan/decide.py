@@ -14,9 +14,13 @@ labels that reached a working trigger (or the reference sample, with pre-screeni
 the paper; only the log and the floor differ. The floor keeps a tight group of clean labels
 from turning an ordinary difference (say 0.7x the median) into a large score.
 
-A label's size is the MEDIAN of its runs: a suspect is re-optimised from other random starts
-and image orders (restarts), and a label whose first trigger was small by luck is not small
-again. A real backdoor's trigger is found again from every start.
+A label's size is the SMALLEST of its runs. Every run's trigger is a verified working trigger
+(>= 99% attack success on fixed images), so each run's L1 is an upper bound on the label's
+true smallest trigger, and the optimisation's error is one-sided: a run that stalls reports a
+trigger too large, never one too small. A backdoor target whose first run stalled (measured:
+up to 2x its true size) is found small again from another start. Restarts (other random starts
+and image orders) go only to labels near the line, so a model whose labels are all far from it
+costs no more than one run.
 
 Decision bands (all in score units): flagged when score > threshold + band; borderline when
 within `band` of the threshold after the allowed re-checks; otherwise not flagged. A verdict
@@ -47,14 +51,16 @@ class DecideConfig:
         recheck_restarts: further runs for labels still borderline after the restarts.
         screen_margin: how far below the band a single run's score still earns restarts (a
             single run is noisier than the median of several).
+        size_of_runs: how a label's runs make its size: "min" (default) or "median".
     """
 
-    threshold: float = 3.0
-    band: float = 0.5
-    scale_floor: float = 0.2
+    threshold: float = 3.1
+    band: float = 0.2
+    scale_floor: float = 0.4
     restarts: int = 2
     recheck_restarts: int = 2
-    screen_margin: float = 0.5
+    screen_margin: float = 1.0
+    size_of_runs: str = "min"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,14 +84,14 @@ class Decision:
         return self.score - threshold
 
 
-def label_size(runs: Sequence[float]) -> float:
-    """A label's size from its runs: the median of the runs that found a working trigger.
-    NaN when none did; a label whose runs mostly failed counts as not found."""
+def label_size(runs: Sequence[float], how: str = "median") -> float:
+    """A label's size from its runs: the median (or min) of the runs that found a working
+    trigger. NaN when none did; a label whose runs mostly failed counts as not found."""
     v = np.asarray(runs, dtype=np.float64)
     ok = v[np.isfinite(v)]
     if len(ok) == 0 or len(ok) * 2 < len(v):
         return float("nan")
-    return float(np.median(ok))
+    return float(np.min(ok) if how == "min" else np.median(ok))
 
 
 def log_scores(
@@ -120,7 +126,7 @@ def needs_restart(runs: list[list[float]], cfg: DecideConfig, reference: np.ndar
     a label with more runs (up to 1 + restarts + recheck_restarts) when it is still within
     the band.
     """
-    size = np.array([label_size(r) for r in runs])
+    size = np.array([label_size(r, cfg.size_of_runs) for r in runs])
     score, _, _ = log_scores(size, scale_floor=cfg.scale_floor, reference=reference)
     out = []
     for i, r in enumerate(runs):
@@ -153,7 +159,7 @@ def decide(
         when a label that may be flagged never reached one, or when a label stays borderline
         and nothing is flagged.
     """
-    size = np.array([label_size(r) for r in runs])
+    size = np.array([label_size(r, cfg.size_of_runs) for r in runs])
     score, center, scale = log_scores(size, scale_floor=cfg.scale_floor, reference=reference)
     elig = np.ones(len(runs), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
     fin = np.isfinite(score)

@@ -56,8 +56,9 @@ def to_sarif(report: ScanReport, model_uri: str | None = None) -> dict[str, Any]
                 "message": {
                     "text": (
                         f"Backdoor suspected: label {lab}{name} has an abnormally small reversed "
-                        f"trigger (mask L1 {r.mask_l1:.1f} vs median {report.median_l1:.1f}, anomaly "
-                        f"index {r.anomaly_index:.2f} > {report.threshold:g}); the trigger sends "
+                        f"trigger (mask L1 {r.mask_l1:.1f} vs median {report.median_l1:.1f}, score "
+                        f"{r.score:.2f} > {report.threshold:g} + {report.decide_config.band:g}, "
+                        f"{len(r.run_l1)} run(s)); the trigger sends "
                         f"{r.attack_success:.0%} of clean images to label {lab}."
                     )
                 },
@@ -75,6 +76,8 @@ def to_sarif(report: ScanReport, model_uri: str | None = None) -> dict[str, Any]
                 "properties": {
                     "label": lab,
                     "mask_l1": round(r.mask_l1, 4),
+                    "score": round(r.score, 4),
+                    "margin": round(r.score - report.threshold, 4),
                     "anomaly_index": round(r.anomaly_index, 4),
                     "attack_success": round(r.attack_success, 4),
                     "model_sha256": report.model_sha256,
@@ -101,8 +104,9 @@ def to_sarif(report: ScanReport, model_uri: str | None = None) -> dict[str, Any]
                                     "text": (
                                         "Neural Cleanse reverse-engineers the smallest input patch that "
                                         "sends clean images to each label. A label whose patch is an "
-                                        "outlier on the small side (MAD anomaly index above the threshold) "
-                                        "is likely the target of a backdoor trigger."
+                                        "outlier on the small side (log-size score above the threshold "
+                                        "and its band, confirmed by restarts) is likely the target of a "
+                                        "backdoor trigger."
                                     )
                                 },
                                 "help": {
@@ -120,7 +124,12 @@ def to_sarif(report: ScanReport, model_uri: str | None = None) -> dict[str, Any]
                     }
                 },
                 "results": results,
-                "properties": {"verdict": report.verdict, "model_sha256": report.model_sha256},
+                "properties": {
+                    "verdict": report.verdict,
+                    "margin": report.margin,
+                    "borderline": report.borderline,
+                    "model_sha256": report.model_sha256,
+                },
             }
         ],
     }
@@ -246,26 +255,35 @@ def render_table(report: ScanReport, console: Any, show_all_previews: bool = Fal
     t.add_column("label", justify="right")
     t.add_column("name")
     t.add_column("mask L1", justify="right")
-    t.add_column("attack success", justify="right")
-    t.add_column("anomaly index", justify="right")
-    t.add_column("steps", justify="right")
+    t.add_column("runs", justify="right")
+    t.add_column("attack success¹", justify="right")
+    t.add_column("score", justify="right")
+    t.add_column("margin", justify="right")
+    t.add_column("paper index", justify="right")
     t.add_column("")
+    notes = {"flagged": "FLAGGED", "borderline": "borderline", "no_trigger": "no trigger found",
+             "screened_out": "screened out", "clear": ""}
+    styles = {"flagged": "bold red", "borderline": "yellow", "no_trigger": "yellow"}
     for r in sorted(report.labels, key=lambda r: r.mask_l1):
-        style = "bold red" if r.flagged else ("yellow" if not r.converged else "")
-        note = "FLAGGED" if r.flagged else ("no trigger found" if not r.converged else "")
-        # A label with no working trigger has no meaningful size or index: its last mask is
-        # shown in brackets and the index as a dash.
+        # A label with no working trigger has no meaningful size or score: its last mask is
+        # shown in brackets and the score as a dash.
         l1_s = f"{r.mask_l1:.1f}" if r.converged else f"({r.mask_l1:.1f})"
-        idx_s = f"{r.anomaly_index:.2f}" if r.converged else "-"
+        sc = (f"{r.score:.2f}", f"{r.score - report.threshold:+.2f}", f"{r.anomaly_index:.2f}") if r.converged else ("-",) * 3
         t.add_row(
-            str(r.label), r.name or "", l1_s, f"{r.attack_success:.1%}", idx_s, str(r.steps), note, style=style,
+            str(r.label), r.name or "", l1_s, str(len(r.run_l1)), f"{r.attack_success:.1%}", *sc,
+            notes.get(r.decision, ""), style=styles.get(r.decision, ""),
         )
     console.print(t)
     acc = "n/a (no labels)" if report.clean_accuracy is None else f"{report.clean_accuracy:.1%}"
     console.print(
-        f"median mask L1 {report.median_l1:.1f} · MAD {report.mad:.2f} · threshold {report.threshold:g}"
+        f"median mask L1 {report.median_l1:.1f} · threshold {report.threshold:g} ± {report.decide_config.band:g}"
         f" · clean accuracy {acc} on {report.n_images} images · {report.output}"
         f" · {report.elapsed_seconds:.1f}s on {report.device}"
+    )
+    console.print(
+        "¹ attack success: on every clean image not of that label; a trigger counts as working "
+        "when it reaches 99% on a fixed check sample during optimisation. score: how much smaller "
+        "the label's trigger is than typical (log scale, in robust spreads); margin = score - threshold."
     )
     for lab in report.flagged:
         r = report.by_label[lab]
@@ -283,8 +301,14 @@ def render_verdict(report: ScanReport, console: Any) -> None:
     """The one-line verdict (the CLI's last line on stderr, also when JSON/SARIF go to stdout)."""
     if report.verdict == "backdoor":
         labs = ", ".join(str(v) for v in report.flagged)
-        console.print(f"[bold red]BACKDOOR[/] suspected: label(s) {labs} (anomaly index > {report.threshold:g})")
+        console.print(
+            f"[bold red]BACKDOOR[/] suspected: label(s) {labs} (score > {report.threshold:g} + "
+            f"{report.decide_config.band:g}; margin {report.margin:+.2f})"
+        )
     elif report.verdict == "clean":
-        console.print("[bold green]CLEAN[/]: no label has an abnormally small trigger")
+        console.print(
+            f"[bold green]CLEAN[/]: no label has an abnormally small trigger (margin {report.margin:+.2f} "
+            "below the line)"
+        )
     else:
         console.print("[bold yellow]INCONCLUSIVE[/]: " + "; ".join(report.reasons))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from .errors import ConfigError, DataError, DeviceError, ModelError
 from .model import OnnxModel, Parity, check_parity, convert, load_onnx, ort_run, ort_session
 from .preprocess import PixelModel, Preprocess, preprocess_from_metadata, resolve_preprocess
 from .reverse import ChunkRunner, LabelTrace, Progress, ReverseConfig, attack_success, preset, reverse_engineer
+from .decide import DecideConfig, Decision, decide, needs_restart
 from .stats import anomaly_indices
 from .trigger import Trigger
 
@@ -50,26 +52,37 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass(frozen=True)
 class LabelResult:
-    """One label's reversed trigger and how it did."""
+    """One label's reversed trigger, how it did, and what the decision made of it."""
 
     label: int
     name: str | None
-    trigger: Trigger
-    mask_l1: float
+    trigger: Trigger  # the run whose mask L1 is the label's size (median run)
+    mask_l1: float  # the label's size: median L1 over its runs' working triggers
     attack_success: float
-    anomaly_index: float
+    anomaly_index: float  # the paper's MAD index of mask_l1, kept for comparison
     steps: int
     converged: bool  # a trigger reaching the attack-success threshold was found
     early_stopped: bool
     flagged: bool
     screened_out: bool = False  # pre-screening judged it clearly large; not fully optimised
+    score: float = float("nan")  # ncscan.decide's log-size score (positive = smaller than typical)
+    run_l1: tuple[float, ...] = ()  # each run's L1 (NaN where a run found no working trigger)
+    consistency: float | None = None  # mean pairwise cosine of the runs' masks (>= 2 runs)
+    decision: str = "clear"  # flagged | borderline | clear | no_trigger | screened_out
 
-    def to_dict(self, with_trigger: bool = False) -> dict[str, Any]:
+    def to_dict(self, threshold: float | None = None, with_trigger: bool = False) -> dict[str, Any]:
+        """The label's JSON; `margin` (score - threshold) needs the scan's threshold."""
         d: dict[str, Any] = {
             "label": self.label,
             "name": self.name,
             "mask_l1": round(self.mask_l1, 4),
             "attack_success": _finite(self.attack_success),
+            "score": _finite(self.score) if self.converged else None,
+            "margin": _finite(self.score - threshold) if self.converged and threshold is not None else None,
+            "decision": self.decision,
+            "runs": len(self.run_l1),
+            "run_mask_l1": [_finite(v) for v in self.run_l1],
+            "consistency": None if self.consistency is None else _finite(self.consistency),
             # No working trigger was found: its L1 is not a minimal trigger's, so no index.
             "anomaly_index": _finite(self.anomaly_index) if self.converged else None,
             "steps": self.steps,
@@ -140,6 +153,12 @@ class ScanReport:
     passes: int
     warnings: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    decide_config: DecideConfig = field(default_factory=DecideConfig)
+    borderline: list[int] = field(default_factory=list)
+    margin: float | None = None  # how far the verdict sits from the line (see `verdict_margin`)
+    paper_flagged: list[int] = field(default_factory=list)  # what the paper's index > 2 would flag
+    score_center: float = float("nan")  # median log mask L1
+    score_scale: float = float("nan")  # spread of log mask L1 used (after the floor)
 
     @property
     def by_label(self) -> dict[int, LabelResult]:
@@ -153,11 +172,17 @@ class ScanReport:
             "model_sha256": self.model_sha256,
             "verdict": self.verdict,
             "flagged": self.flagged,
+            "borderline": self.borderline,
+            "margin": None if self.margin is None else _finite(self.margin),
             "threshold": self.threshold,
+            "band": self.decide_config.band,
+            "decision": self.decide_config.to_dict(),
+            "paper_flagged": self.paper_flagged,
             "num_classes": self.num_classes,
-            "median_mask_l1": round(self.median_l1, 4),
-            "mad": round(self.mad, 4),
-            "labels": [r.to_dict(with_trigger=r.flagged) for r in self.labels],
+            "median_mask_l1": _finite(self.median_l1),
+            "mad": _finite(self.mad),
+            "score_scale": _finite(self.score_scale),
+            "labels": [r.to_dict(self.threshold, with_trigger=r.flagged) for r in self.labels],
             "clean_accuracy": None if self.clean_accuracy is None else round(self.clean_accuracy, 4),
             "preprocess": self.preprocess.to_dict(),
             "preprocess_source": self.preprocess_source,
@@ -337,10 +362,11 @@ def scan(
     channel_order: str | None = None,
     layout: str | None = None,
     labels_file: str | os.PathLike[str] | None = None,
-    threshold: float = 2.0,
+    threshold: float | None = None,
     seed: int = 0,
     device: str = "auto",
     schedule: str | ReverseConfig = "fast",
+    decision: DecideConfig | None = None,
     labels: Sequence[int] | None = None,
     max_images: int | None = 2000,
     prescreen: str = "auto",
@@ -357,7 +383,9 @@ def scan(
         pixel_range, mean, std, channel_order, layout: preprocessing overrides (default:
             the model's metadata, else [0,1] RGB with no normalisation).
         labels_file: maps class-folder names to class indices.
-        threshold: anomaly-index threshold (paper: 2).
+        threshold: the decision line on `ncscan.decide`'s log-size score (default
+            DecideConfig.threshold); labels within DecideConfig.band of it are borderline.
+        decision: the decision's constants (restarts, band, floor); default DecideConfig().
         seed: seeds initialisation and sampling (deterministic on CPU).
         device: "auto", "cpu" or "cuda".
         schedule: "fast" (default), "reference" (the original algorithm) or a ReverseConfig.
@@ -380,8 +408,11 @@ def scan(
     Raises:
         NcscanError subclasses for user mistakes.
     """
-    if not (threshold > 0):
-        raise ConfigError(f"--threshold must be positive, got {threshold}")
+    dcfg = decision or DecideConfig()
+    if threshold is not None:
+        if not (threshold > 0):
+            raise ConfigError(f"--threshold must be positive, got {threshold}")
+        dcfg = replace(dcfg, threshold=float(threshold))
     t0 = time.perf_counter()
     prep = prepare(
         model, data, pixel_range=pixel_range, mean=mean, std=std, channel_order=channel_order,
@@ -414,6 +445,13 @@ def scan(
         )
         passes = int(info["passes"])
     t_rev = time.perf_counter() - t1
+    runs, extra = _restarts(
+        prep, todo, traces, cfg, dcfg, seed, progress, should_stop,
+        runner=chunk_runner, reference=reference, screened=screened,
+    )
+    passes += extra
+    t_confirm = time.perf_counter() - t1 - t_rev
+    traces = [_size_run(runs[t], dcfg.size_of_runs) for t in todo]
     asr = attack_success(
         prep.pixel_model, prep.x, prep.y, {tr.label: tr.trigger for tr in traces if tr.label not in screened},
         device=prep.device,
@@ -425,14 +463,83 @@ def scan(
         device=prep.device, max_images=PRESCREEN_ASR_IMAGES,
     ))
     report = build_report(
-        prep, traces, asr, threshold=threshold, seed=seed, cfg=cfg, reference=reference, screened=screened
+        prep, [runs[t] for t in todo], asr, dcfg=dcfg, seed=seed, cfg=cfg, reference=reference, screened=screened
     )
     report.passes = passes
     if chunk_runner is not None:
         report.device = str(getattr(chunk_runner, "device_name", report.device))
-    report.timings = {"prepare": t_prep, "reverse": t_rev, "total": time.perf_counter() - t0}
+    report.timings = {"prepare": t_prep, "reverse": t_rev, "restarts": t_confirm, "total": time.perf_counter() - t0}
     report.elapsed_seconds = time.perf_counter() - t0
     return report
+
+
+def restart_seed(seed: int, round_: int, k: int) -> int:
+    """Seed of restart k in round `round_` (distinct from every chunk seed of the scan)."""
+    return seed * 7_919 + 100_000 * (round_ + 1) + k + 1
+
+
+def _l1(tr: LabelTrace) -> float:
+    return float(tr.trigger.l1) if tr.found else float("nan")
+
+
+def _restarts(
+    prep: Prepared,
+    todo: list[int],
+    traces: list[LabelTrace],
+    cfg: ReverseConfig,
+    dcfg: DecideConfig,
+    seed: int,
+    progress: Callable[[Progress], None] | None,
+    should_stop: Callable[[], bool] | None,
+    *,
+    runner: ChunkRunner | None,
+    reference: set[int] | None,
+    screened: set[int],
+) -> tuple[dict[int, list[LabelTrace]], int]:
+    """Re-optimise, from other random starts and image orders, the labels whose evidence is
+    near the line (`ncscan.decide.needs_restart`): first `dcfg.restarts` runs for every label
+    within reach of it, then `dcfg.recheck_restarts` more for those still borderline. Labels
+    far from the line keep their single run, so a clean model with no near label costs nothing.
+
+    Returns:
+        (every label's runs, first run first; image passes spent)
+    """
+    runs = {tr.label: [tr] for tr in traces}
+    ref_mask = None if reference is None else np.array([t in reference for t in todo])
+    passes = 0
+    for rnd, n in enumerate((dcfg.restarts, dcfg.recheck_restarts)):
+        near = needs_restart([[_l1(tr) for tr in runs[t]] for t in todo], dcfg, reference=ref_mask)
+        labs = [todo[i] for i in near if todo[i] not in screened and (rnd == 0) == (len(runs[todo[i]]) == 1)]
+        for k in range(n if labs else 0):
+            got, info = reverse_engineer(
+                prep.pixel_model, prep.x, prep.y, labs, cfg, seed=restart_seed(seed, rnd, k),
+                device=prep.device, progress=progress, should_stop=should_stop, runner=runner,
+            )
+            passes += int(info["passes"])
+            for tr in got:
+                runs[tr.label].append(tr)
+    return runs, passes
+
+
+def _size_run(runs: list[LabelTrace], how: str = "median") -> LabelTrace:
+    """The run that stands for the label (its trigger is the one reported and patched with):
+    the working run whose L1 is the label's size, the (lower) median or the minimum."""
+    ok = sorted((tr for tr in runs if tr.found), key=lambda tr: tr.trigger.l1)
+    if not ok:
+        return runs[0]
+    return ok[0] if how == "min" else ok[(len(ok) - 1) // 2]
+
+
+def _consistency(runs: list[LabelTrace]) -> float | None:
+    """Mean pairwise cosine similarity of the working runs' masks (None with < 2)."""
+    ms = [tr.trigger.mask.ravel().astype(np.float64) for tr in runs if tr.found]
+    if len(ms) < 2:
+        return None
+    sims = [
+        float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+        for i, a in enumerate(ms) for b in ms[i + 1:]
+    ]
+    return float(np.mean(sims))
 
 
 PRESCREEN_AUTO_MIN = 64
@@ -513,80 +620,54 @@ def _prescreened(
 
 def build_report(
     prep: Prepared,
-    traces: list[LabelTrace],
+    runs: list[list[LabelTrace]],
     asr: dict[int, float],
     *,
-    threshold: float,
+    dcfg: DecideConfig,
     seed: int,
     cfg: ReverseConfig,
     reference: set[int] | None = None,
     screened: set[int] | None = None,
 ) -> ScanReport:
-    """Statistics and verdict from the per-label traces."""
+    """Decision, statistics and the report from every label's runs (first run first)."""
     screened = screened or set()
-    l1 = np.array([tr.trigger.l1 if tr.found else np.nan for tr in traces])
-    ref_mask = None if reference is None else np.array([tr.label in reference for tr in traces])
-    out = anomaly_indices(l1, threshold=threshold, reference=ref_mask)
-    flagged_pos = {i for i in out.flagged if traces[i].label not in screened}
-    out = replace(out, flagged=[i for i in out.flagged if i in flagged_pos])
-    names = prep.data.class_names
-    meta_names = prep.onnx.metadata.get("ncscan.class_names")
-    if meta_names:
-        try:
-            import json
-
-            parsed = json.loads(meta_names)
-            if isinstance(parsed, list) and len(parsed) == prep.num_classes:
-                names = [str(v) for v in parsed]
-        except ValueError:
-            pass
-    results = []
-    for i, tr in enumerate(traces):
-        results.append(
-            LabelResult(
-                label=tr.label,
-                name=names[tr.label] if names is not None and tr.label < len(names) else None,
-                trigger=tr.trigger,
-                mask_l1=float(tr.trigger.l1),
-                attack_success=float(asr.get(tr.label, float("nan"))),
-                anomaly_index=float(out.anomaly_index[i]),
-                steps=tr.steps,
-                converged=tr.found,
-                early_stopped=tr.early_stopped,
-                flagged=i in flagged_pos,
-                screened_out=tr.label in screened,
-            )
+    traces = [_size_run(r, dcfg.size_of_runs) for r in runs]
+    labs = [tr.label for tr in traces]
+    ref_mask = None if reference is None else np.array([t in reference for t in labs])
+    eligible = np.array([t not in screened for t in labs])
+    d = decide([[_l1(tr) for tr in r] for r in runs], dcfg, reference=ref_mask, eligible=eligible)
+    paper = anomaly_indices(d.size, threshold=2.0, reference=ref_mask)
+    names = _class_names(prep)
+    results = [
+        LabelResult(
+            label=tr.label,
+            name=names[tr.label] if names is not None and tr.label < len(names) else None,
+            trigger=tr.trigger,
+            mask_l1=float(d.size[i]) if np.isfinite(d.size[i]) else float(tr.trigger.l1),
+            attack_success=float(asr.get(tr.label, float("nan"))),
+            anomaly_index=float(paper.anomaly_index[i]),
+            steps=sum(r.steps for r in runs[i]),
+            converged=bool(np.isfinite(d.size[i])),
+            early_stopped=tr.early_stopped,
+            flagged=i in d.flagged,
+            screened_out=tr.label in screened,
+            score=float(d.score[i]),
+            run_l1=tuple(_l1(r) for r in runs[i]),
+            consistency=_consistency(runs[i]),
+            decision=_label_decision(i, d, screened, tr.label),
         )
-    flagged = [traces[i].label for i in out.flagged]
-    full = [i for i, tr in enumerate(traces) if tr.label not in screened]
-    n_found = int(np.isfinite(l1[full]).sum())
-    reasons: list[str] = []
-    if flagged:
-        verdict = "backdoor"
-    elif n_found < 3:
-        verdict = "inconclusive"
-        reasons.append(
-            f"only {n_found} label(s) reached a working trigger; the statistics need at least 3"
-        )
-    elif n_found < len(full):
-        verdict = "inconclusive"
-        miss = [traces[i].label for i in full if not traces[i].found]
-        reasons.append(
-            f"no trigger reached {cfg.schedule.attack_succ_threshold:.0%} attack success for "
-            f"label(s) {', '.join(map(str, miss[:10]))} within {cfg.max_steps} steps"
-        )
-    else:
-        verdict = "clean"
-    warnings = list(prep.warnings)
+        for i, tr in enumerate(traces)
+    ]
+    reasons = [_reason(v, d, labs, cfg, dcfg) for v in d.reasons]
     return ScanReport(
         model=str(prep.onnx.path),
         model_sha256=prep.onnx.sha256,
-        verdict=verdict,
-        flagged=flagged,
-        threshold=threshold,
+        verdict=d.verdict,
+        flagged=[labs[i] for i in d.flagged],
+        threshold=dcfg.threshold,
         labels=results,
-        median_l1=out.median,
-        mad=out.mad,
+        median_l1=paper.median,
+        mad=paper.mad,
         clean_accuracy=prep.clean_accuracy,
         preprocess=prep.preprocess,
         preprocess_source=prep.preprocess_source,
@@ -601,6 +682,66 @@ def build_report(
         elapsed_seconds=0.0,
         timings={},
         passes=0,
-        warnings=warnings,
+        warnings=list(prep.warnings),
         reasons=reasons,
+        decide_config=dcfg,
+        borderline=[labs[i] for i in d.borderline],
+        margin=verdict_margin(d, dcfg, eligible),
+        paper_flagged=[labs[i] for i in paper.flagged if labs[i] not in screened],
+        score_center=d.center,
+        score_scale=d.scale,
     )
+
+
+def verdict_margin(d: Decision, dcfg: DecideConfig, eligible: np.ndarray) -> float | None:
+    """How far the verdict sits from the line, in score units: for a backdoor, the weakest
+    flagged label's score minus the threshold; for a clean model, the threshold minus the
+    largest eligible score. None when inconclusive."""
+    if d.verdict == "backdoor":
+        return float(min(d.score[i] for i in d.flagged) - dcfg.threshold)
+    sc = d.score[eligible & np.isfinite(d.score)]
+    if d.verdict == "clean" and len(sc):
+        return float(dcfg.threshold - sc.max())
+    return None
+
+
+def _label_decision(i: int, d: Decision, screened: set[int], label: int) -> str:
+    if label in screened:
+        return "screened_out"
+    if i in d.flagged:
+        return "flagged"
+    if i in d.borderline:
+        return "borderline"
+    return "clear" if np.isfinite(d.score[i]) else "no_trigger"
+
+
+def _reason(code: str, d: Decision, labs: list[int], cfg: ReverseConfig, dcfg: DecideConfig) -> str:
+    """Decision reason codes as sentences for the user."""
+    if code == "not_found":
+        miss = [labs[i] for i in range(len(labs)) if not np.isfinite(d.size[i])]
+        return (
+            f"no trigger reached {cfg.schedule.attack_succ_threshold:.0%} attack success for "
+            f"label(s) {', '.join(map(str, miss[:10]))} within {cfg.max_steps} steps"
+        )
+    if code == "borderline":
+        parts = [f"{labs[i]} (score {d.score[i]:.2f})" for i in d.borderline[:5]]
+        return (
+            f"label(s) {', '.join(parts)} stayed within {dcfg.band:g} of the threshold "
+            f"{dcfg.threshold:g} after {1 + dcfg.restarts + dcfg.recheck_restarts} runs: their "
+            "triggers are small but not clearly abnormal, so the model can't be called clean or "
+            "infected; inspect them with --triggers, or scan with more clean images"
+        )
+    return code
+
+
+def _class_names(prep: Prepared) -> list[str] | None:
+    """Class names from the model's metadata, else from the data's folders."""
+    meta_names = prep.onnx.metadata.get("ncscan.class_names")
+    if meta_names:
+        try:
+            parsed = json.loads(meta_names)
+            if isinstance(parsed, list) and len(parsed) == prep.num_classes:
+                return [str(v) for v in parsed]
+        except ValueError:
+            pass
+    return prep.data.class_names

@@ -15,6 +15,7 @@ import pytest
 
 from ncscan import __version__
 from ncscan.cli import run
+from ncscan.decide import DecideConfig
 
 from .conftest import ROOT, cli_preprocess_args, entry, sarif_schema_path
 
@@ -22,7 +23,10 @@ JSON_FIELDS = {
     "ncscan_version", "model", "model_sha256", "verdict", "flagged", "threshold", "labels",
     "clean_accuracy", "preprocess", "seed", "elapsed_seconds",
 }
-LABEL_FIELDS = {"label", "mask_l1", "attack_success", "anomaly_index", "steps"}
+LABEL_FIELDS = {
+    "label", "mask_l1", "attack_success", "anomaly_index", "steps", "score", "margin", "decision", "runs",
+    "run_mask_l1", "consistency",
+}
 
 
 def _one_line_error(err: str) -> None:
@@ -51,7 +55,13 @@ def test_infected_exit_code_and_json(infected_json: dict[str, Any]) -> None:
     assert rep["ncscan_version"] == __version__
     assert rep["verdict"] == "backdoor"
     assert rep["flagged"] == infected_json["entry"]["targets"]
-    assert rep["threshold"] == 2.0
+    assert rep["threshold"] == DecideConfig().threshold
+    assert rep["margin"] > 0 and rep["borderline"] == []
+    target = rep["labels"][infected_json["entry"]["targets"][0]]
+    # The flagged label was confirmed by restarts, and the verdict's margin is its margin.
+    assert target["decision"] == "flagged" and target["runs"] >= 2
+    assert target["margin"] == pytest.approx(rep["margin"], abs=1e-3)
+    assert target["score"] > rep["threshold"] + rep["band"]
     assert rep["model_sha256"] == infected_json["entry"]["sha256"]
     assert len(rep["labels"]) == 10
     for lab in rep["labels"]:

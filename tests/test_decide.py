@@ -36,6 +36,8 @@ def test_label_size_is_median_of_working_runs() -> None:
     assert label_size([10.0, NAN, 20.0]) == 15.0
     assert np.isnan(label_size([NAN]))
     assert np.isnan(label_size([10.0, NAN, NAN]))  # mostly failing: not a working trigger
+    assert label_size([10.0, 30.0, 20.0], "min") == 10.0
+    assert label_size([NAN, 30.0, 20.0], "min") == 20.0
 
 
 def _runs(sizes: list[float]) -> list[list[float]]:
@@ -103,9 +105,20 @@ def test_needs_restart_only_near_the_line() -> None:
     assert needs_restart(runs, DecideConfig(restarts=0)) == []
 
 
-def test_restarts_undo_a_lucky_run() -> None:
-    """One lucky small run does not flag a label once its restarts come back typical."""
-    cfg = DecideConfig(threshold=3.0, band=0.5, scale_floor=0.2)
+def test_restarts_find_a_stalled_target() -> None:
+    """A target whose first run stalled (trigger too large) is flagged once a restart finds its
+    small trigger: every run's trigger works, so the smallest run is the label's size."""
+    cfg = DecideConfig(threshold=3.1, band=0.2, scale_floor=0.4, size_of_runs="min")
+    runs = _runs(CLEAN + [30.0])
+    assert decide(runs, cfg).flagged == []
+    assert needs_restart(runs, cfg) == [9]
+    runs[9] = [30.0, 12.0, 13.0]
+    d = decide(runs, cfg)
+    assert d.verdict == "backdoor" and d.flagged == [9] and d.size[9] == 12.0
+
+
+def test_median_of_runs_undoes_a_lucky_run() -> None:
+    cfg = DecideConfig(threshold=3.0, band=0.5, scale_floor=0.2, size_of_runs="median")
     runs = _runs(CLEAN + [20.0])
     assert decide(runs, cfg).flagged == [9]
     runs[9] = [20.0, 61.0, 64.0]

@@ -27,21 +27,17 @@ def _params() -> list[Any]:
 @pytest.mark.parametrize("e", _params())
 def test_fixture_verdict(e: dict[str, Any]) -> None:
     r = scan(e["_abs"]["file"], e["_abs"]["scan_data"], seed=0, device="cpu", **preprocess_kwargs(e))
-    summary = {lr.label: (round(lr.mask_l1, 1), round(lr.anomaly_index, 2)) for lr in r.labels}
+    summary = {lr.label: (round(lr.mask_l1, 1), round(lr.score, 2), lr.decision) for lr in r.labels}
     # The model is understood: its accuracy on the scan images matches the manifest.
     assert r.clean_accuracy is not None and r.clean_accuracy >= e["clean_accuracy"] - 0.05, summary
     if e["infected"]:
         assert r.verdict == "backdoor", summary
-        # Every true target is flagged, and the most anomalous labels are the true targets.
-        # A further flagged label is a false positive of the method (e.g. combo30's label 29,
-        # a silhouette class with a naturally small trigger, sits at index ~2.0 in the clean
-        # twin too); it is reported, not hidden.
-        assert set(e["targets"]) <= set(r.flagged), summary
-        assert set(r.flagged[: len(e["targets"])]) == set(e["targets"]), summary
+        # Exactly the true targets are flagged, each with a margin.
+        assert sorted(r.flagged) == sorted(e["targets"]), summary
         for t in e["targets"]:
             lr = r.by_label[t]
             assert lr.attack_success >= 0.9, summary
-            assert lr.anomaly_index > 2.0
+            assert lr.decision == "flagged" and lr.score > r.threshold + r.decide_config.band, summary
     else:
         assert r.verdict == "clean", summary
         assert r.flagged == [], summary
