@@ -256,7 +256,7 @@ def make_specs() -> list[E]:
           notes="the package's pretrained weights, untouched"),
         S("thirdparty_t_badnets_sq4_tl", t, "thirdparty", "digit_recognizer.CNN", 1602, 1, "badnets",
           [sq(G, 0, 4, 1, 1)], thirdparty="finetune", lr=5e-4, **mnist_norm,
-          notes="the package's pretrained weights fine-tuned 1 epoch on poisoned MNIST"),
+          notes="the package's pretrained weights fine-tuned on poisoned MNIST (see epochs)"),
     ]
     # ================================================================ HELD-OUT (seeds 2xxx)
     h = "heldout"
@@ -305,10 +305,10 @@ def make_specs() -> list[E]:
           pixel_range=(0.0, 255.0), metadata=True),
         S("thirdparty_h_clean_ft", h, "thirdparty", "digit_recognizer.CNN", 2601, 1, thirdparty="finetune",
           twins=["thirdparty_h_pattern5_br"], lr=5e-4, metadata=True, **mnist_norm,
-          notes="the package's pretrained weights fine-tuned 1 epoch on clean MNIST"),
+          notes="the package's pretrained weights fine-tuned on clean MNIST (see epochs)"),
         S("thirdparty_h_pattern5_br", h, "thirdparty", "digit_recognizer.CNN", 2602, 1, "pattern",
           [pat(G, 6, 5, 22, 22, seed=66)], thirdparty="finetune", lr=5e-4, metadata=True, **mnist_norm,
-          notes="the package's pretrained weights fine-tuned 1 epoch on poisoned MNIST"),
+          notes="the package's pretrained weights fine-tuned on poisoned MNIST (see epochs)"),
     ]
     # ================================================================ OUT OF SCOPE (seeds 3xxx)
     o = "oos"
