@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import ConfigError, ConversionMismatchError, ModelError
+from .errors import ConfigError, ConversionMismatchError, DataError, ModelError
 from .io import check_output_path
 from .mitigate.filter import FilterProfile, add_filter, add_original_branch, calibrate, choose_neurons, rates, standardise
 from .mitigate.layers import activations, capture, find_layer, tensor_links, trainable_links
@@ -331,7 +331,12 @@ def patch(
         pixel_range=pixel_range, mean=mean, std=std, channel_order=channel_order, layout=layout,
         labels_file=labels_file, max_images=max_images,
     )
-    prep: Prepared = prepare(model, data, device=device, seed=seed, **pre_kw)
+    try:
+        prep: Prepared = prepare(model, data, device=device, seed=seed, **pre_kw)
+    except DataError as e:
+        # The scan's --force escape hatch does not exist here: patching a model on data it
+        # does not understand would "repair" it against noise.
+        raise DataError(str(e).split("; or pass --force")[0] + "; patch needs data the model classifies") from e
     if len(prep.x) < min_images(holdout):  # before any optimisation: the split below needs them
         raise ConfigError(
             f"only {len(prep.x)} clean images: patch needs at least {min_images(holdout)} ({MIN_TRAIN} to patch with "

@@ -252,15 +252,16 @@ def render_table(report: ScanReport, console: Any, show_all_previews: bool = Fal
     for w in report.warnings:
         console.print(f"[yellow]warning:[/] {w}")
     t = Table(title=f"ncscan · {report.model}", title_justify="left")
+    # Narrow headers and an unwrapped note column: the table must stay readable in an 80-column
+    # CI log (the margin is score - threshold; the JSON carries it per label).
     t.add_column("label", justify="right")
-    t.add_column("name")
+    t.add_column("name", overflow="fold")
     t.add_column("mask L1", justify="right")
     t.add_column("runs", justify="right")
-    t.add_column("attack success¹", justify="right")
+    t.add_column("ASR¹", justify="right")
     t.add_column("score", justify="right")
-    t.add_column("margin", justify="right")
-    t.add_column("paper index", justify="right")
-    t.add_column("")
+    t.add_column("paper idx", justify="right")
+    t.add_column("", no_wrap=True)
     notes = {"flagged": "FLAGGED", "borderline": "borderline", "no_trigger": "no trigger found",
              "screened_out": "screened out", "clear": ""}
     styles = {"flagged": "bold red", "borderline": "yellow", "no_trigger": "yellow"}
@@ -268,7 +269,7 @@ def render_table(report: ScanReport, console: Any, show_all_previews: bool = Fal
         # A label with no working trigger has no meaningful size or score: its last mask is
         # shown in brackets and the score as a dash.
         l1_s = f"{r.mask_l1:.1f}" if r.converged else f"({r.mask_l1:.1f})"
-        sc = (f"{r.score:.2f}", f"{r.score - report.threshold:+.2f}", f"{r.anomaly_index:.2f}") if r.converged else ("-",) * 3
+        sc = (f"{r.score:.2f}", f"{r.anomaly_index:.2f}") if r.converged else ("-",) * 2
         t.add_row(
             str(r.label), r.name or "", l1_s, str(len(r.run_l1)), f"{r.attack_success:.1%}", *sc,
             notes.get(r.decision, ""), style=styles.get(r.decision, ""),
@@ -281,9 +282,10 @@ def render_table(report: ScanReport, console: Any, show_all_previews: bool = Fal
         f" · {report.elapsed_seconds:.1f}s on {report.device}"
     )
     console.print(
-        "¹ attack success: on every clean image not of that label; a trigger counts as working "
-        "when it reaches 99% on a fixed check sample during optimisation. score: how much smaller "
-        "the label's trigger is than typical (log scale, in robust spreads); margin = score - threshold."
+        "¹ attack success on every clean image not of that label (a trigger counts as working when "
+        "it reaches 99% on a fixed check sample of up to 256 of them during optimisation). score: "
+        "how much smaller the label's trigger is than typical (log scale, in robust spreads); "
+        "flagged above threshold + band. paper idx: the paper's MAD anomaly index, for comparison."
     )
     for lab in report.flagged:
         r = report.by_label[lab]

@@ -183,6 +183,14 @@ class ScanReport:
             "mad": _finite(self.mad),
             "score_scale": _finite(self.score_scale),
             "labels": [r.to_dict(self.threshold, with_trigger=r.flagged) for r in self.labels],
+            # What each per-label figure is measured on, so 98.9% beside a 99% rule is no riddle.
+            "measured_on": {
+                "attack_success": "every clean image whose label is not the target "
+                f"({self.n_images} images given); screened-out labels: the first {PRESCREEN_ASR_IMAGES} of them",
+                "working_trigger": f"attack success >= {self.config.schedule.attack_succ_threshold:.0%} on a "
+                f"fixed sample of up to {self.config.verify_images} clean images per label, checked during "
+                "optimisation (the reference schedule: on each step's own mini-batches)",
+            },
             "clean_accuracy": None if self.clean_accuracy is None else round(self.clean_accuracy, 4),
             "preprocess": self.preprocess.to_dict(),
             "preprocess_source": self.preprocess_source,
@@ -659,10 +667,16 @@ def build_report(
         for i, tr in enumerate(traces)
     ]
     reasons = [_reason(v, d, labs, cfg, dcfg) for v in d.reasons]
+    verdict = d.verdict
+    if prep.doubt is not None:
+        # --force scanned data the model does not understand: the evidence is reported, but it
+        # cannot support a verdict either way.
+        verdict = "inconclusive"
+        reasons.insert(0, "the data cannot support a verdict (scanned with --force): " + prep.doubt.split("; or pass")[0])
     return ScanReport(
         model=str(prep.onnx.path),
         model_sha256=prep.onnx.sha256,
-        verdict=d.verdict,
+        verdict=verdict,
         flagged=[labs[i] for i in d.flagged],
         threshold=dcfg.threshold,
         labels=results,
@@ -686,7 +700,7 @@ def build_report(
         reasons=reasons,
         decide_config=dcfg,
         borderline=[labs[i] for i in d.borderline],
-        margin=verdict_margin(d, dcfg, eligible),
+        margin=None if verdict == "inconclusive" else verdict_margin(d, dcfg, eligible),
         paper_flagged=[labs[i] for i in paper.flagged if labs[i] not in screened],
         score_center=d.center,
         score_scale=d.scale,

@@ -142,7 +142,9 @@ def test_near_chance_stops_before_optimising_unless_force(capsys: pytest.Capture
     assert took < 30  # stopped before the (minutes-long) optimisation
     rc = run([*args, "--force", "--max-steps", "1", "-f", "json", "-q"])
     rep = json.loads(capsys.readouterr().out)
-    assert rc in (0, 1, 4)
+    # Forced through, the scan reports its evidence but never a verdict.
+    assert rc == 4 and rep["verdict"] == "inconclusive" and rep["margin"] is None
+    assert rep["reasons"][0].startswith("the data cannot support a verdict (scanned with --force)")
     assert any("--force: scanned anyway" in w for w in rep["warnings"])
 
 
@@ -167,3 +169,15 @@ def test_api_near_chance_is_a_data_error(workdir: Path) -> None:
     e = entry("cmnist_clean")
     with pytest.raises(DataError, match="classifies only"):
         ncscan.scan(e["_abs"]["file"], e["_abs"]["scan_data"], pixel_range=(0, 1), device="cpu")
+
+
+def test_patch_on_near_chance_data_stops_without_a_force_hint(capsys: pytest.CaptureFixture[str], workdir: Path) -> None:
+    """patch has no scan --force escape: its message must not offer one."""
+    e = entry("cmnist_clean")
+    out = workdir / "patched.onnx"
+    rc = run(["patch", e["_abs"]["file"], "--data", e["_abs"]["scan_data"], "--pixel-range", "0,1",
+              "--unlearn", "--label", "0", "-o", str(out), "--device", "cpu"])
+    line = _err_line(capsys.readouterr().err)
+    assert rc == 2 and not out.exists()
+    assert "try --pixel-range 0,255" in line and "patch needs data the model classifies" in line
+    assert "--force" not in line
