@@ -16,8 +16,6 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .cli import (
-    _preprocess_kwargs,
-    _require_paths,
     Bgr,
     DataOpt,
     DebugOpt,
@@ -30,6 +28,8 @@ from .cli import (
     QuietOpt,
     SeedOpt,
     Std,
+    _preprocess_kwargs,
+    _require_paths,
     _stderr_console,
 )
 from .errors import ConfigError

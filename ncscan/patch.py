@@ -26,10 +26,19 @@ import torch
 from . import __version__
 from .errors import ConfigError, ConversionMismatchError, DataError, ModelError
 from .io import check_output_path
-from .mitigate.filter import FilterProfile, add_filter, add_original_branch, calibrate, choose_neurons, rates, standardise
+from .mitigate.filter import (
+    FilterProfile,
+    add_filter,
+    add_original_branch,
+    calibrate,
+    choose_neurons,
+    rates,
+    standardise,
+)
 from .mitigate.layers import activations, capture, find_layer, tensor_links, trainable_links
 from .mitigate.prune import prune as prune_neurons
-from .mitigate.unlearn import UnlearnConfig, unlearn as unlearn_model
+from .mitigate.unlearn import UnlearnConfig
+from .mitigate.unlearn import unlearn as unlearn_model
 from .reverse import predict, preset, reverse_engineer
 from .scanner import Prepared, ScanReport, decode_trigger, prepare, scan
 from .trigger import Trigger
@@ -591,7 +600,18 @@ def patch(
     passed = not reasons
 
     # ---- export
-    from .export import ExportFallback, finalize, parity_bytes, provenance, reexport, run_outputs, serialize, set_metadata, write, write_back
+    from .export import (
+        ExportFallback,
+        finalize,
+        parity_bytes,
+        provenance,
+        reexport,
+        run_outputs,
+        serialize,
+        set_metadata,
+        write,
+        write_back,
+    )
 
     t5 = time.perf_counter()
     figures = {

@@ -15,11 +15,19 @@ import torch
 
 from . import __version__, sanity
 from .data import Dataset, check_labels, load_data
+from .decide import DecideConfig, Decision, decide, needs_restart
 from .errors import ConfigError, DataError, DeviceError, ModelError
 from .model import OnnxModel, Parity, check_parity, convert, load_onnx, ort_run, ort_session
 from .preprocess import PixelModel, Preprocess, preprocess_from_metadata, resolve_preprocess
-from .reverse import ChunkRunner, LabelTrace, Progress, ReverseConfig, attack_success, preset, reverse_engineer
-from .decide import DecideConfig, Decision, decide, needs_restart
+from .reverse import (
+    ChunkRunner,
+    LabelTrace,
+    Progress,
+    ReverseConfig,
+    attack_success,
+    preset,
+    reverse_engineer,
+)
 from .stats import anomaly_indices
 from .trigger import Trigger
 

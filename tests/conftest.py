@@ -17,7 +17,7 @@ MANIFESTS = [FIXTURES / "manifest.json", FIXTURES / "keras" / "manifest.json"]
 # suite already scans mnist_badnets_square, mnist_clean and mnist_badnets_keras through the
 # CLI (tests/test_cli.py asserts their verdicts), so the API end-to-end scans of every
 # fixture run in CI's slow stage.
-FAST_FIXTURES: set[str] = set()
+FAST_FIXTURES: set[str] = {"mnist_clean", "mnist_badnets_square"}  # the default suite's verdict pair
 
 
 def fixture_entries() -> list[dict[str, Any]]:

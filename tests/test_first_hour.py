@@ -19,7 +19,7 @@ import pytest
 
 from ncscan.cli import run
 
-from .conftest import ROOT, entry
+from .conftest import ROOT
 
 FIX = ROOT / "fixtures"
 SQUARE = FIX / "models" / "mnist_badnets_square.onnx"

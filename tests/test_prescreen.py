@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ncscan.scanner import PRESCREEN_KEEP_MIN, PRESCREEN_SAMPLE, prescreen_keep_size, prescreen_sample_size, scan
+from ncscan.scanner import (
+    PRESCREEN_KEEP_MIN,
+    PRESCREEN_SAMPLE,
+    prescreen_keep_size,
+    prescreen_sample_size,
+    scan,
+)
 
 from . import tiny
 

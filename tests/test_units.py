@@ -14,7 +14,6 @@ from ncscan.preprocess import PixelModel, Preprocess, parse_floats, resolve_prep
 from ncscan.stats import CONSISTENCY, anomaly_indices
 from ncscan.trigger import Trigger, blend, from_raw, to_raw
 
-
 # ------------------------------------------------------------------ stats
 
 
