@@ -254,13 +254,15 @@ def summarise(models: list[dict[str, Any]], rows: list[dict[str, Any]], seeds: l
             f"| {' '.join(map(str, m['target_score']))} | {' '.join(map(str, m['max_other']))} "
             f"| {m['passes']:,} | {m['wall']} |"
         )
-    lines += ["", "Per family (in-scope models; a model counts as right only when every seed is right):", "",
-              "| family | infected exact | clean not flagged | models with a flip |", "|---|---:|---:|---:|"]
+    lines += ["", "Per family (in-scope models; a model counts only when every seed agrees):", "",
+              "| family | infected flagged exactly | clean never flagged | clean called clean | models whose call "
+              "changed with the seed |", "|---|---:|---:|---:|---:|"]
     for fam in sorted({m["family"] for m in per_model}):
         ms = [m for m in per_model if m["family"] == fam and m["in_scope"]]
         inf = [m for m in ms if m["infected"]]
         cl = [m for m in ms if not m["infected"]]
-        lines.append(f"| {fam} | {sum(m['ok'] == m['n'] for m in inf)}/{len(inf)} "
+        never = sum(not any(c.startswith("backdoor") for c in m["calls"]) for m in cl)
+        lines.append(f"| {fam} | {sum(m['ok'] == m['n'] for m in inf)}/{len(inf)} | {never}/{len(cl)} "
                      f"| {sum(m['ok'] == m['n'] for m in cl)}/{len(cl)} | {sum(m['flips'] for m in ms)} |")
     lines += ["", "Per seed (in-scope models):", "", "| seed | infected exact | clean flagged | inconclusive |",
               "|---:|---:|---:|---:|"]

@@ -278,7 +278,7 @@ def test_model_over_2gb_external_data_scans(workdir: Path) -> None:
         stages = _stage_dirs()
         r = subprocess.run(
             [sys.executable, "-m", "ncscan", str(m), "--data", str(imgs), "--device", "cpu", "-q",
-             "--max-steps", "3", "-o", str(out)],
+             "--max-steps", "3", "--force", "-o", str(out)],  # random weights on random images
             check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         assert r.returncode in (0, 1, 4), r.stderr

@@ -16,10 +16,20 @@ from ncscan.scanner import scan
 from .conftest import FAST_FIXTURES, fixture_entries, preprocess_kwargs
 
 
+# Known misses of the current decision, kept visible: strict, so a fix turns them red until the
+# entry is removed. The constants were chosen on bench/evalset's tuning split, never on these.
+KNOWN_MISSES = {
+    "fashion_resnet_badnets": "target 2 found at its true size (L1 14.1, 0.31x the median) but the "
+    "labels' sizes spread widely: score 2.79, below the band (2.9); called clean (issue #14 note)",
+}
+
+
 def _params() -> list[Any]:
     out = []
     for e in fixture_entries():
         marks = [] if e["name"] in FAST_FIXTURES else [pytest.mark.slow]
+        if e["name"] in KNOWN_MISSES:
+            marks.append(pytest.mark.xfail(reason=KNOWN_MISSES[e["name"]], strict=True))
         out.append(pytest.param(e, id=e["name"], marks=marks))
     return out
 
