@@ -96,15 +96,7 @@ def blend(chw, target, alpha, seed):
                    f"blended full-image trigger: {alpha:.0%} blend of a fixed uniform-noise image (seed {seed})")
 
 
-GLYPH_RING = np.array([  # fixtures' trojan_trigger glyph: 7x7 ring with a cross, 20 px
-    [0, 0, 1, 1, 1, 0, 0],
-    [0, 1, 0, 0, 0, 1, 0],
-    [1, 0, 0, 1, 0, 0, 1],
-    [1, 0, 1, 1, 1, 0, 1],
-    [1, 0, 0, 1, 0, 0, 1],
-    [0, 1, 0, 0, 0, 1, 0],
-    [0, 0, 1, 1, 1, 0, 0],
-], np.float32)
+GLYPH_RING = fb.TROJAN_GLYPH  # fixtures' trojan_trigger glyph: 7x7 ring with a cross, 21 px
 GLYPH_X = np.array([  # 7x7 diagonal cross with a centre dot, 13 px (held-out Trojan glyph)
     [1, 0, 0, 0, 0, 0, 1],
     [0, 1, 0, 0, 0, 1, 0],
