@@ -19,6 +19,13 @@ MANIFESTS = [FIXTURES / "manifest.json", FIXTURES / "keras" / "manifest.json"]
 # fixture run in CI's slow stage.
 FAST_FIXTURES: set[str] = {"mnist_clean", "mnist_badnets_square"}  # the default suite's verdict pair
 
+# Known misses of the current decision, kept visible: strict, so a fix turns them red until the
+# entry is removed. The constants were chosen on bench/evalset's tuning split, never on these.
+KNOWN_MISSES: dict[str, str] = {
+    "fashion_resnet_badnets": "target 2 found at its true size (L1 14.1, 0.31x the median) but the "
+    "labels' sizes spread widely: score 2.79, below the band (2.9); called clean (issue #14 note)",
+}
+
 
 def fixture_entries() -> list[dict[str, Any]]:
     """All manifest entries, each with absolute paths added under `_abs`."""

@@ -27,7 +27,7 @@ from ncscan.distributed import FAULT_ENV, RayBackend, connect  # noqa: E402
 from ncscan.reverse import preset  # noqa: E402
 from ncscan.scanner import ScanReport, scan  # noqa: E402
 
-from .conftest import entry, fixture_entries, preprocess_kwargs  # noqa: E402
+from .conftest import KNOWN_MISSES, entry, fixture_entries, preprocess_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -128,7 +128,9 @@ def test_scan_many_all_fixtures_through_ray(backend: RayBackend, tmp_path: Path)
     assert len(rows) == len(entries) + 1
     for e, row in zip(entries, rows):
         assert row["model"] == e["_abs"]["file"]
-        if e["infected"]:
+        if e["name"] in KNOWN_MISSES:  # the decision's measured miss: Ray must still scan it
+            assert row["status"] in ("clean", "backdoor", "inconclusive"), (e["name"], row["error"])
+        elif e["infected"]:
             assert row["status"] == "backdoor", (e["name"], row["flagged"])
             assert set(e["targets"]) <= set(row["flagged"])
             assert set(row["flagged"][: len(e["targets"])]) == set(e["targets"]), (e["name"], row["flagged"])

@@ -13,15 +13,7 @@ import pytest
 
 from ncscan.scanner import scan
 
-from .conftest import FAST_FIXTURES, fixture_entries, preprocess_kwargs
-
-
-# Known misses of the current decision, kept visible: strict, so a fix turns them red until the
-# entry is removed. The constants were chosen on bench/evalset's tuning split, never on these.
-KNOWN_MISSES = {
-    "fashion_resnet_badnets": "target 2 found at its true size (L1 14.1, 0.31x the median) but the "
-    "labels' sizes spread widely: score 2.79, below the band (2.9); called clean (issue #14 note)",
-}
+from .conftest import FAST_FIXTURES, KNOWN_MISSES, fixture_entries, preprocess_kwargs
 
 
 def _params() -> list[Any]:
