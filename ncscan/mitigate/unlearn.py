@@ -14,7 +14,7 @@ measured problems, and the defaults here answer both (bench/patch_results.md, is
   space than the few hundred images, at half the paper's learning rate.
 * A reversed trigger is the SMALLEST patch that works, often only part of the real one
   (Keras twin: 10 of 16 px, offset); unlearning only that core left 16% true-trigger attack
-  success. Besides the reversed trigger (randomly grown/shifted by a pixel), half of the
+  success. Besides the reversed trigger (randomly grown/shifted by 1/28 of the side), half of the
   stamped images carry an ADVERSARIAL copy of it: a Neural Cleanse style mask/pattern,
   started from the reversed trigger and re-optimised (`adv_steps` Adam steps per training
   step, warm-started) against the model being fine-tuned to flip images to the target.
@@ -64,10 +64,13 @@ class UnlearnConfig:
         clean_ce: weight of the true-label cross-entropy on the unstamped images (0: the
             original model's outputs are the target there, see the module docstring).
         mix: weight of matching the original model's outputs on a batch of mixup images
-            (two clean images blended with a uniform weight, shifted by up to `mix_shift`).
-        mix_shift: the mixup images' random shift in pixels.
-        augment_grow, augment_shift: the reversed trigger is stamped grown (max-pool
-            dilation) by up to `augment_grow` and shifted by up to `augment_shift` pixels.
+            (two clean images blended with a uniform weight, shifted by up to
+            `mix_shift_fraction` of the image side).
+        mix_shift_fraction: the mixup images' largest random shift, as a fraction of the
+            image side (2/28: 2 px at 28-32 px, 16 px at 224 px; see `side_pixels`).
+        augment_grow_fraction, augment_shift_fraction: the reversed trigger is stamped
+            grown (max-pool dilation) and shifted by up to these fractions of the image
+            side (1/28 each: 1 px at 28-32 px, 8 px at 224 px).
         adv_steps: Adam steps on the adversarial trigger per training step (0: off).
         adv_lr: their learning rate (on the tanh-parameterised mask and pattern).
         adv_share: share of the stamped images that carry the adversarial trigger.
@@ -86,9 +89,9 @@ class UnlearnConfig:
     temperature: float = 2.0
     clean_ce: float = 0.0
     mix: float = 1.0
-    mix_shift: int = 2
-    augment_grow: int = 1
-    augment_shift: int = 1
+    mix_shift_fraction: float = 2 / 28
+    augment_grow_fraction: float = 1 / 28
+    augment_shift_fraction: float = 1 / 28
     adv_steps: int = 3
     adv_lr: float = 0.1
     adv_share: float = 0.5
@@ -99,18 +102,32 @@ class UnlearnConfig:
         return asdict(self)
 
 
+def side_pixels(fraction: float, side: int) -> int:
+    """`fraction` of an image side in whole pixels, at least 1 unless `fraction` is 0.
+
+    The unlearning constants were measured at 28-32 px; as fractions of the side they keep
+    those pixel values there (2/28 of 32 px rounds to 2) and grow with larger inputs.
+    """
+    if fraction <= 0:
+        return 0
+    return max(1, round(fraction * side))
+
+
 def _augmented(
     mask: torch.Tensor, pattern: torch.Tensor, cfg: UnlearnConfig, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A randomly grown (max-pool dilation) and shifted copy of a trigger."""
     m = mask
-    grow = int(torch.randint(cfg.augment_grow + 1, (1,), generator=gen)) if cfg.augment_grow > 0 else 0
+    side = min(int(mask.shape[-2]), int(mask.shape[-1]))
+    max_grow = side_pixels(cfg.augment_grow_fraction, side)
+    max_shift = side_pixels(cfg.augment_shift_fraction, side)
+    grow = int(torch.randint(max_grow + 1, (1,), generator=gen)) if max_grow > 0 else 0
     if grow > 0:
         k = 2 * grow + 1
         m = F.max_pool2d(m[None, None], k, stride=1, padding=grow)[0, 0]
     p = pattern
-    if cfg.augment_shift > 0:
-        dy, dx = (int(v) for v in torch.randint(-cfg.augment_shift, cfg.augment_shift + 1, (2,), generator=gen))
+    if max_shift > 0:
+        dy, dx = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=gen))
         m = torch.roll(m, (dy, dx), (0, 1))
         p = torch.roll(p, (dy, dx), (1, 2))
     return m, p
@@ -124,14 +141,19 @@ class _Adversary:
     with a hinge penalty on the mask's L1 beyond `adv_budget` x the reversed trigger's.
     """
 
-    def __init__(self, mask: torch.Tensor, pattern: torch.Tensor, target: int, cfg: UnlearnConfig) -> None:
+    def __init__(
+        self, mask: torch.Tensor, pattern: torch.Tensor, target: int, cfg: UnlearnConfig
+    ) -> None:
         self.cfg = cfg
         self.target = target
-        self.budget = max(cfg.adv_budget * float(mask.sum()), 1.0)
-        # clamp: to_raw(0) is -inf; 1e-3 everywhere adds < 1 px of L1 on a 28x28 image
+        # Floor: 1 px of L1 at 28x28, i.e. 1/784 of the image area at any size.
+        self.budget = max(cfg.adv_budget * float(mask.sum()), mask.numel() / 784.0)
+        # clamp: to_raw(0) is -inf; 1e-3 everywhere adds 0.1% of the image area to the L1
         self.raw_mask = to_raw(mask.clamp(1e-3, 1 - 1e-3)).detach().clone().requires_grad_(True)
         self.raw_pattern = to_raw(pattern).detach().clone().requires_grad_(True)
-        self.opt = torch.optim.Adam([self.raw_mask, self.raw_pattern], lr=cfg.adv_lr, betas=(0.5, 0.9))
+        self.opt = torch.optim.Adam(
+            [self.raw_mask, self.raw_pattern], lr=cfg.adv_lr, betas=(0.5, 0.9)
+        )
 
     def current(self) -> tuple[torch.Tensor, torch.Tensor]:
         return from_raw(self.raw_mask), from_raw(self.raw_pattern)
@@ -154,7 +176,11 @@ class _Adversary:
 def _kl(student: torch.Tensor, teacher_logp: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) at a temperature, scaled by T^2 (Hinton et al.)."""
     logp = F.log_softmax(student / temperature, 1)
-    return temperature * temperature * F.kl_div(logp, teacher_logp, log_target=True, reduction="batchmean")
+    return (
+        temperature
+        * temperature
+        * F.kl_div(logp, teacher_logp, log_target=True, reduction="batchmean")
+    )
 
 
 def unlearn(
@@ -206,6 +232,7 @@ def unlearn(
     per_epoch = max(math.ceil(n / bs), cfg.min_steps)
     steps = per_epoch * max(1, cfg.epochs)
     temp = cfg.temperature
+    mix_shift = side_pixels(cfg.mix_shift_fraction, min(int(x.shape[-2]), int(x.shape[-1])))
     pm.eval()
     # The original model: its outputs are the targets of the distillation terms.
     teacher = None
@@ -214,8 +241,14 @@ def unlearn(
         for p in teacher.parameters():
             p.requires_grad_(False)
     with torch.no_grad():
-        ref_logp = torch.cat([F.log_softmax(pm(x[i : i + 256].to(dev)) / temp, 1).cpu() for i in range(0, n, 256)], 0)
-    advs = [_Adversary(masks[j], pats[j], int(targets[j]), cfg) for j in range(len(triggers))] if cfg.adv_steps > 0 else []
+        ref_logp = torch.cat(
+            [F.log_softmax(pm(x[i : i + 256].to(dev)) / temp, 1).cpu() for i in range(0, n, 256)], 0
+        )
+    advs = (
+        [_Adversary(masks[j], pats[j], int(targets[j]), cfg) for j in range(len(triggers))]
+        if cfg.adv_steps > 0
+        else []
+    )
     opt = torch.optim.Adam(params, lr=cfg.lr)
     losses: list[float] = []
     order = torch.randperm(n, generator=gen)
@@ -243,7 +276,11 @@ def unlearn(
                 sel = torch.randperm(len(idx), generator=gen)[:k]
                 clean[sel] = False
                 which = torch.randint(len(triggers), (k,), generator=gen)
-                adv = (torch.rand(k, generator=gen) < cfg.adv_share) if advs else torch.zeros(k, dtype=torch.bool)
+                adv = (
+                    (torch.rand(k, generator=gen) < cfg.adv_share)
+                    if advs
+                    else torch.zeros(k, dtype=torch.bool)
+                )
                 for j in range(len(triggers)):
                     s = sel[(which == j) & ~adv].to(dev)
                     if len(s):
@@ -270,8 +307,11 @@ def unlearn(
                 i2 = torch.randint(n, (bs,), generator=gen)
                 lam = torch.rand(bs, 1, 1, 1, generator=gen)
                 xm = lam * x[i1] + (1 - lam) * x[i2]
-                if cfg.mix_shift > 0:
-                    dy, dx = (int(v) for v in torch.randint(-cfg.mix_shift, cfg.mix_shift + 1, (2,), generator=gen))
+                if mix_shift > 0:
+                    dy, dx = (
+                        int(v)
+                        for v in torch.randint(-mix_shift, mix_shift + 1, (2,), generator=gen)
+                    )
                     xm = torch.roll(xm, (dy, dx), (2, 3))
                 xm = xm.to(dev)
                 with torch.no_grad():
