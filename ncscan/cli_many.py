@@ -1,6 +1,6 @@
 """`ncscan scan-many`: scan many models, one report each, a summary table, combined JSON/SARIF.
 
-Registered in cli.py with `app.command("scan-many")(scan_many_cmd)`.
+Registered in cli.py with `app.command("scan-many")(scan_many_cmd)`; options and output helpers come from cli_common.py.
 Exit codes: 1 if any model is flagged; else 3 if a model hit an internal error, 2 if a
 model failed on bad input, 4 if any scan is inconclusive, 0 when all are clean (0 always
 with --exit-zero); 2 for bad flags; 130 interrupted.
@@ -8,14 +8,13 @@ with --exit-zero); 2 for bad flags; 130 interrupted.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from .cli import (
+from .cli_common import (
     EXIT_BACKDOOR,
     EXIT_CLEAN,
     EXIT_INCONCLUSIVE,
@@ -43,12 +42,16 @@ from .cli import (
     SeedOpt,
     Std,
     ThresholdOpt,
-    _load_config,
-    _preprocess_kwargs,
-    _reverse_config,
-    _stderr_console,
+    ForceOpt,
+    check_output_dir,
+    connect_ray,
+    emit,
+    resolve_format,
+    scan_kwargs,
+    stderr_console,
+    write_rendered,
 )
-from .errors import ConfigError, OutputError
+from .errors import ConfigError
 
 
 def render_summary(outcomes: list[Any], console: Any) -> None:
@@ -102,22 +105,15 @@ def scan_many_cmd(
     config: ConfigOpt = None,
     ray: RayOpt = None,
     exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 whatever the verdicts.")] = False,
+    force: ForceOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> int:
     """Scan many models (locally one after another, or on a Ray cluster with --ray)."""
-    from .io import atomic_write_bytes, atomic_write_text, check_output_path
-    from .many import (
-        combined_json,
-        combined_sarif_text,
-        expand_patterns,
-        read_models_file,
-        report_names,
-        scan_many,
-    )
-    from .report import render_table, report_json
+    from .io import check_output_path
+    from .many import expand_patterns, read_models_file, scan_many
 
-    err = _stderr_console(quiet)
+    err = stderr_console(quiet)
     jobs = expand_patterns(patterns or [])
     if models_file is not None:
         jobs += read_models_file(models_file)
@@ -125,25 +121,32 @@ def scan_many_cmd(
         raise ConfigError("no models given; pass ONNX files or patterns, or --models-file FILE")
     if data is None and any(j.data is None for j in jobs):
         raise ConfigError("--data is required for models that a --models-file entry gives no data for")
-    if fmt is None:
-        suffix = output.suffix.lower() if output is not None else ""
-        fmt = Format.sarif if suffix == ".sarif" else Format.json if suffix == ".json" else Format.table
+    fmt = resolve_format(fmt, output)
+    inputs = [Path(j.model) for j in jobs] + ([data] if data is not None else [])
     if output is not None:
-        check_output_path(output, [j.model for j in jobs] + ([data] if data is not None else []))
+        check_output_path(output, inputs)
     if report_dir is not None:
-        if report_dir.exists() and not report_dir.is_dir():
-            raise OutputError(f"--report-dir {report_dir} exists and is not a directory")
-        parent = report_dir.parent if str(report_dir.parent) else Path(".")
-        if not parent.is_dir():
-            raise OutputError(f"--report-dir parent directory {parent} does not exist; create it first")
-    cfg = _reverse_config(
-        schedule, _load_config(config), max_steps=max_steps, batch_size=batch_size, label_chunk=label_chunk
+        check_output_dir(report_dir, "--report-dir", inputs, writes_images=False)
+    kwargs = scan_kwargs(
+        pixel_range=pixel_range, mean=mean, std=std, bgr=bgr, layout=layout, labels=labels,
+        threshold=threshold, seed=seed, device=device, schedule=schedule, config=config,
+        max_steps=max_steps, batch_size=batch_size, label_chunk=label_chunk, max_images=max_images,
+        prescreen=prescreen, force=force,
     )
-    backend = None
-    if ray is not None:
-        from .distributed import connect
+    backend = connect_ray(ray)
+    t0 = time.perf_counter()
+    try:
+        outcomes = scan_many(jobs, data=data, backend=backend, on_done=_progress_line(err, fmt, quiet), **kwargs)
+    finally:
+        if backend is not None:
+            backend.close()
+    _write_many_outputs(outcomes, fmt, output, report_dir, err, quiet, ray=ray, elapsed=time.perf_counter() - t0)
+    return 0 if exit_zero else many_exit(outcomes)
 
-        backend = connect(ray)
+
+def _progress_line(err: Any, fmt: Format, quiet: bool) -> Any:
+    """on_done: each model's table (table format) or one line as it finishes."""
+    from .report import render_table
 
     def on_done(o: Any) -> None:
         if quiet:
@@ -153,25 +156,18 @@ def scan_many_cmd(
         else:
             err.print(f"{o.job.model}: {o.status}" + (f" ({o.error})" if o.error else "") + f" · {o.seconds:.1f}s")
 
-    t0 = time.perf_counter()
-    try:
-        outcomes = scan_many(
-            jobs,
-            data=data,
-            backend=backend,
-            on_done=on_done,
-            **_preprocess_kwargs(pixel_range, mean, std, bgr, layout, labels),
-            threshold=threshold,
-            seed=seed,
-            device=device.value,
-            schedule=cfg,
-            max_images=max_images,
-            prescreen=(prescreen.value if prescreen is not None else "auto"),
-        )
-    finally:
-        if backend is not None:
-            backend.close()
-    elapsed = time.perf_counter() - t0
+    return on_done
+
+
+def _write_many_outputs(
+    outcomes: list[Any], fmt: Format, output: Optional[Path], report_dir: Optional[Path], err: Any,
+    quiet: bool, *, ray: Optional[str], elapsed: float,
+) -> None:
+    """Per-model JSON reports, the combined document (or summary table file), the summary."""
+    from .io import atomic_write_bytes
+    from .many import combined_json, combined_sarif_text, report_names
+    from .report import report_json
+
     if report_dir is not None:
         report_dir.mkdir(exist_ok=True)
         for o, name in zip(outcomes, report_names(outcomes)):
@@ -179,26 +175,15 @@ def scan_many_cmd(
                 atomic_write_bytes(report_dir / name, report_json(o.report).encode())
     if fmt == Format.table:
         if output is not None:
-            import io
-
-            from rich.console import Console
-
-            buf = io.StringIO()
-            render_summary(outcomes, Console(file=buf, width=160, color_system=None, force_terminal=False))
-            atomic_write_text(output, buf.getvalue())
-        if not quiet:
-            render_summary(outcomes, err)
+            write_rendered(output, lambda c: render_summary(outcomes, c), width=160)
     else:
-        text = combined_json(outcomes, ray=ray, elapsed=elapsed) if fmt == Format.json else combined_sarif_text(outcomes)
-        if output is not None:
-            atomic_write_text(output, text)
-        else:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        if not quiet:
-            render_summary(outcomes, err)
-    if exit_zero:
-        return EXIT_CLEAN
+        emit(combined_json(outcomes, ray=ray, elapsed=elapsed) if fmt == Format.json else combined_sarif_text(outcomes), output)
+    if not quiet:
+        render_summary(outcomes, err)
+
+
+def many_exit(outcomes: list[Any]) -> int:
+    """1 if any model is flagged; else 3 internal error, 2 bad input, 4 inconclusive, 0 clean."""
     status = {o.status for o in outcomes}
     if "backdoor" in status:
         return EXIT_BACKDOOR

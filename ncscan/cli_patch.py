@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .cli import (
+from .cli_common import (
     Bgr,
     DataOpt,
     DebugOpt,
@@ -28,9 +28,9 @@ from .cli import (
     QuietOpt,
     SeedOpt,
     Std,
-    _preprocess_kwargs,
-    _require_paths,
-    _stderr_console,
+    preprocess_kwargs,
+    require_paths,
+    stderr_console,
 )
 from .errors import ConfigError
 
@@ -116,11 +116,11 @@ def patch_cmd(
     debug: DebugOpt = False,
 ) -> int:
     """Mitigate a found backdoor (unlearning, pruning, input filter) and write ONNX."""
-    _require_paths(model, data)  # before ncscan.patch loads torch
+    require_paths(model, data)  # before ncscan.patch loads torch
     from .io import atomic_write_text, check_output_path
     from .patch import patch
 
-    err = _stderr_console(quiet)
+    err = stderr_console(quiet)
     f = (fmt or "table").lower()
     if f not in ("table", "json"):
         raise ConfigError(f"--format must be table or json, got {fmt!r}")
@@ -156,7 +156,7 @@ def patch_cmd(
         force=force,
         seed=seed,
         device=device.value,
-        **_preprocess_kwargs(pixel_range, mean, std, bgr, layout, labels),
+        **preprocess_kwargs(pixel_range, mean, std, bgr, layout, labels),
         max_images=max_images,
         log=log,
     )

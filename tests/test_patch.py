@@ -217,11 +217,8 @@ def test_prune_reports(report, tmp_path):
 
 
 def _cli(args: list[str]) -> int:
-    from ncscan.cli import app, run
-    from ncscan.cli_patch import patch_cmd
+    from ncscan.cli import run
 
-    if not any(c.name == "patch" for c in app.registered_commands):
-        app.command("patch")(patch_cmd)
     return run(args)
 
 
