@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from ncscan.errors import ConfigError, ConversionMismatchError, ModelError, OutputError
-
-# metadata_props keys (the same strings ncscan.preprocess reads).
-META_PIXEL_RANGE = "ncscan.pixel_range"
-META_MEAN = "ncscan.mean"
-META_STD = "ncscan.std"
-META_LAYOUT = "ncscan.layout"
-META_CHANNEL_ORDER = "ncscan.channel_order"
-META_CLASS_NAMES = "ncscan.class_names"
-META_EXPORTER = "ncscan.exporter"
+from ncscan.meta import (
+    META_CHANNEL_ORDER,
+    META_CLASS_NAMES,
+    META_EXPORTER,
+    META_LAYOUT,
+    META_MEAN,
+    META_PIXEL_RANGE,
+    META_STD,
+)
 
 MAX_IR_VERSION = 13  # onnxruntime 1.31 refuses IR 14
 DEFAULT_OPSET = 17  # onnx2torch 1.5.15 converts opset <= 17 well
@@ -249,26 +249,20 @@ class ExportResult:
 
 
 def check_output_path(path: str | os.PathLike[str], *sources: str | os.PathLike[str]) -> Path:
-    """Validate the output path: parent exists, not a directory, not one of the sources."""
-    out = Path(path)
-    if out.is_dir():
-        raise OutputError(f"output {out} is a directory; pass a file path ending in .onnx")
-    if not out.parent.exists():
-        raise OutputError(f"output directory {out.parent} does not exist; create it first")
-    for s in sources:
-        sp = Path(s)
-        try:
-            same = out.resolve() == sp.resolve() or (
-                sp.is_dir() and out.resolve().is_relative_to(sp.resolve())
-            )
-        except OSError:
-            same = False
-        if same:
-            raise OutputError(
-                f"output {out} would overwrite the source model {sp}; pick another -o"
-            )
+    """ncscan.io's output check (parent exists and is writable, never an input), plus what an
+    export needs: a name ending in .onnx, outside a source folder (a SavedModel)."""
+    from ncscan.io import check_output_path as check_writable
+
+    out = check_writable(path, sources)
     if out.suffix.lower() != ".onnx":
         raise OutputError(f"output {out} must end in .onnx; pass e.g. -o model.onnx")
+    for s in map(Path, sources):
+        try:
+            inside = s.is_dir() and out.resolve().is_relative_to(s.resolve())
+        except OSError:
+            inside = False
+        if inside:
+            raise OutputError(f"output {out} is inside the source model folder {s}; pick another -o")
     return out
 
 

@@ -22,20 +22,20 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .meta import (  # noqa: F401  (re-exported: ncscan.preprocess.META_* stay importable)
+    META_CHANNEL_ORDER,
+    META_CLASS_NAMES,
+    META_LAYOUT,
+    META_MEAN,
+    META_ONNX_PIXEL_FORMAT,
+    META_ONNX_PIXEL_RANGE,
+    META_PIXEL_RANGE,
+    META_RESIZE,
+    META_STD,
+)
 
 LAYOUTS = ("NCHW", "NHWC")
 CHANNEL_ORDERS = ("RGB", "BGR")
-
-# Keys we read from an ONNX model's metadata_props (values are plain strings).
-META_PIXEL_RANGE = "ncscan.pixel_range"
-META_MEAN = "ncscan.mean"
-META_STD = "ncscan.std"
-META_LAYOUT = "ncscan.layout"
-META_CHANNEL_ORDER = "ncscan.channel_order"
-META_CLASS_NAMES = "ncscan.class_names"
-# ONNX's standard image metadata (https://onnx.ai/onnx/repo-docs/MetadataProps.html)
-META_ONNX_PIXEL_RANGE = "Image.NominalPixelRange"
-META_ONNX_PIXEL_FORMAT = "Image.BitmapPixelFormat"
 
 _NOMINAL_RANGES = {
     "NominalRange_0_255": (0.0, 255.0),
@@ -182,6 +182,23 @@ def preprocess_from_metadata(meta: Mapping[str, str]) -> dict[str, Any]:
             )
         out["channel_order"] = order
     return out
+
+
+def resize_from_metadata(meta: Mapping[str, str]) -> str | None:
+    """The resize mode the model's metadata asks for (`ncscan.resize`), or None.
+
+    Raises:
+        ConfigError: a value that is not a resize mode (names the key).
+    """
+    if META_RESIZE not in meta:
+        return None
+    mode = meta[META_RESIZE].strip().lower()
+    if mode not in ("squash", "shorter-crop"):
+        raise ConfigError(
+            f"model metadata {META_RESIZE} must be squash or shorter-crop, got "
+            f"{meta[META_RESIZE]!r}; override it with --resize"
+        )
+    return mode
 
 
 def resolve_preprocess(
