@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from . import meta
+
 SATURATION_GAP = 1e-6  # a prediction is saturated when its softmax top-1 >= 1 - this
 SATURATED_WARN = 0.5
 COLLAPSE_WARN = 0.5
@@ -119,9 +121,9 @@ def fmt_values(v: Any) -> str:
 
 
 _FLAG = {"pixel_range": "--pixel-range", "mean": "--mean", "std": "--std",
-         "channel_order": "--bgr/--rgb", "layout": "--layout"}
-_META = {"pixel_range": "ncscan.pixel_range", "mean": "ncscan.mean", "std": "ncscan.std",
-         "channel_order": "ncscan.channel_order", "layout": "ncscan.layout"}
+         "channel_order": "--bgr/--rgb", "layout": "--layout", "resize": "--resize"}
+_META = {"pixel_range": meta.META_PIXEL_RANGE, "mean": meta.META_MEAN, "std": meta.META_STD,
+         "channel_order": meta.META_CHANNEL_ORDER, "layout": meta.META_LAYOUT, "resize": meta.META_RESIZE}
 
 
 def _same(a: Any, b: Any) -> bool:
