@@ -31,8 +31,7 @@ def fixture_entries() -> list[dict[str, Any]]:
     """All manifest entries, each with absolute paths added under `_abs`."""
     out = []
     for m in MANIFESTS:
-        if not m.exists():
-            continue
+        assert m.exists(), f"{m} is missing; rebuild with python {m.parent / 'build.py'}"
         for e in json.loads(m.read_text())["fixtures"]:
             base = m.parent
             e = dict(e)
@@ -50,8 +49,7 @@ def entry(name: str) -> dict[str, Any]:
     for e in fixture_entries():
         if e["name"] == name:
             return e
-    pytest.skip(f"fixture {name} not built")
-    raise AssertionError
+    raise AssertionError(f"fixture {name} is not in fixtures/manifest.json; rebuild with python fixtures/build.py")
 
 
 def preprocess_kwargs(e: dict[str, Any]) -> dict[str, Any]:

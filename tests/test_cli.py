@@ -93,6 +93,22 @@ def test_json_to_stdout_only_and_exit_zero(capsys: pytest.CaptureFixture[str], w
     assert list(workdir.iterdir()) == []  # nothing written without --output
 
 
+def test_exit_zero_turns_every_verdict_into_zero(capsys: pytest.CaptureFixture[str], workdir: Path) -> None:
+    """--exit-zero keeps the report but never fails the job: inconclusive (4) and backdoor
+    (1) both become 0 (a clean scan exits 0 anyway, so it proves nothing)."""
+    from ncscan.cli_common import verdict_exit
+
+    e = entry("mnist_badnets_square")
+    args = [e["_abs"]["file"], "--data", e["_abs"]["scan_data"], *cli_preprocess_args(e),
+            "--max-steps", "2", "--format", "json", "--device", "cpu"]
+    assert run(args) == 4  # two steps: no label reaches a working trigger
+    capsys.readouterr()
+    assert run([*args, "--exit-zero"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "inconclusive"
+    assert [verdict_exit(v, False) for v in ("clean", "backdoor", "inconclusive")] == [0, 1, 4]
+    assert {verdict_exit(v, True) for v in ("clean", "backdoor", "inconclusive")} == {0}
+
+
 def test_sarif_valid_and_exit_one(workdir: Path) -> None:
     e = entry("mnist_badnets_keras")
     out = workdir / "scan.sarif"
@@ -204,24 +220,48 @@ def test_missing_data_option(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from ncscan.cli import COMMANDS
+
     assert run(["--version"]) == 0
-    assert __version__ in capsys.readouterr().out
+    assert capsys.readouterr().out == f"ncscan {__version__}\n"
     assert run(["--help"]) == 0
     out = capsys.readouterr().out
-    for cmd in ("scan", "patch", "export"):
-        assert cmd in out
+    # Each command is a row of the help's command list: its name, then its one-line help.
+    rows = {ln.split()[0] for ln in out.split("Commands", 1)[1].splitlines() if ln.strip() and ln.startswith("  ")}
+    assert rows == set(COMMANDS), out
 
 
-@pytest.mark.parametrize("command", ["scan", "patch", "export"])
-def test_every_option_is_documented_in_readme(command: str) -> None:
+# Each command's options are documented in that command's README section (scan-many's own
+# section names the options scan-many adds; the ones it shares with scan live under Scanning).
+README_SECTIONS = {
+    "scan": ("## Scanning", "## Patching"),
+    "scan-many": ("### Many models / Ray", "## Patching"),
+    "patch": ("## Patching", "## From your framework"),
+    "export": ("### From the command line", "### Why"),
+}
+
+
+def _readme_section(start: str, stop: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    a = text.index(start)
+    return text[a:text.index(stop, a + len(start))]
+
+
+def _long_options(command: str) -> list[str]:
     from typer.main import get_command
 
     from ncscan.cli import app
 
-    readme = (ROOT / "README.md").read_text()
     cmd = get_command(app).commands[command]  # type: ignore[attr-defined]
-    missing = [o for p in cmd.params for o in p.opts if o.startswith("--") and o not in readme]
-    assert missing == []
+    return [o for p in cmd.params for o in p.opts if o.startswith("--")]
+
+
+@pytest.mark.parametrize("command", sorted(README_SECTIONS))
+def test_every_option_is_documented_in_its_readme_section(command: str) -> None:
+    section = _readme_section(*README_SECTIONS[command])
+    shared = set(_long_options("scan")) if command == "scan-many" else set()
+    missing = [o for o in _long_options(command) if o not in section and o not in shared]
+    assert missing == [], f"document {missing} in README section {README_SECTIONS[command][0]!r}"
 
 
 def test_readme_quick_start_has_exactly_two_commands() -> None:

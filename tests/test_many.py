@@ -21,7 +21,7 @@ from ncscan.many import (
 )
 from ncscan.reverse import preset
 
-from .conftest import ROOT, entry, sarif_schema_path
+from .conftest import entry, sarif_schema_path
 
 # A short budget: enough for the BadNets square (label 7's trigger is ~8x smaller than the
 # others' after 20 steps), cheap enough for the default suite.
@@ -51,7 +51,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
 def test_library_outcomes_and_error_row(outcomes: list[Any]) -> None:
     inf, clean, bad = outcomes
     assert inf.status == "backdoor" and inf.report.flagged == [7]
-    assert clean.report is not None and clean.report.flagged == []
+    assert clean.status == "clean" and clean.report is not None and clean.report.flagged == []
     assert bad.status == "error" and bad.error_kind == "user" and "not a valid ONNX model" in bad.error
     d = combined_dict(outcomes)
     assert d["verdict"] == "backdoor"
@@ -127,14 +127,3 @@ def test_ray_not_installed_is_a_one_line_exit_two(cmd: str, monkeypatch: pytest.
     rc = run([cmd, e["_abs"]["file"], "--data", e["_abs"]["scan_data"], "--ray", "auto", "--device", "cpu"])
     assert rc == 2
     _one_line_error(capsys.readouterr().err, "install ncscan[ray]")
-
-
-def test_scan_many_options_documented_in_readme() -> None:
-    from typer.main import get_command
-
-    from ncscan.cli import app
-
-    readme = (ROOT / "README.md").read_text()
-    assert "ncscan scan-many" in readme
-    cmd = get_command(app).commands["scan-many"]  # type: ignore[attr-defined]
-    assert [o for p in cmd.params for o in p.opts if o.startswith("--") and o not in readme] == []
