@@ -131,6 +131,40 @@ def _run_export(
     return load_with_external(tmp), warns
 
 
+def _batch_plan(program: Any, shape: tuple[int, ...]) -> tuple[bool, list[str]]:
+    """(dynamic batch?, notes) for a torch.export program: a traced batch of 1 is kept (its
+    shapes, e.g. a flatten's view(1, -1), are baked in); any other fixed batch is refused."""
+    fixed = _program_batch(program)
+    if fixed is None:
+        return True, []
+    if fixed != 1:
+        raise ModelError(
+            f"the torch.export program was traced with a fixed batch of {fixed}, which a "
+            f"scanner cannot feed; save it with a dynamic batch: {export_recipe(shape)}"
+        )
+    return False, [
+        "the torch.export program has a fixed batch of 1, kept in the ONNX model: "
+        "ncscan scans it one image at a time (slower); for a dynamic batch save it "
+        f"with {export_recipe(shape)}"
+    ]
+
+
+def _export_proto(torch: Any, model: Any, example: Any, *, dynamo: bool, opset: int) -> tuple[Any, list[str]]:
+    """torch.onnx.export into a temporary file; any exporter failure becomes one line."""
+    exporter = "torch-dynamo" if dynamo else "torch-legacy"
+    with tempfile.TemporaryDirectory(prefix="ncscan-export-") as td:
+        try:
+            return _run_export(torch, model, example, Path(td) / "model.onnx", dynamo=dynamo, opset=opset)
+        except (ModelError, ConfigError):
+            raise
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = "try dynamo=False" if dynamo else "try dynamo=True"
+            raise ModelError(
+                f"torch.onnx.export ({exporter}) failed: {first[:300]}; check --input-shape; from Python, {hint}"
+            ) from e
+
+
 def to_onnx(
     model: Any,
     path: str | os.PathLike[str],
@@ -191,24 +225,8 @@ def to_onnx(
         raise ConfigError(
             f"the model's input shape is unknown; pass --input-shape {what} (Python: input_shape=), e.g. 3,224,224"
         )
-    dynamic_batch = True
-    notes: list[str] = []
+    dynamic_batch, notes = _batch_plan(model, shape) if is_program else (True, [])
     if is_program:
-        fixed = _program_batch(model)
-        if fixed is not None and fixed != 1:
-            raise ModelError(
-                f"the torch.export program was traced with a fixed batch of {fixed}, which a "
-                f"scanner cannot feed; save it with a dynamic batch: {export_recipe(shape)}"
-            )
-        if fixed == 1:
-            # Its shapes (e.g. a flatten's view(1, -1)) are baked in, so it cannot be
-            # re-traced with a dynamic batch; ncscan scans a batch-1 model image by image.
-            dynamic_batch = False
-            notes.append(
-                "the torch.export program has a fixed batch of 1, kept in the ONNX model: "
-                "ncscan scans it one image at a time (slower); for a dynamic batch save it "
-                f"with {export_recipe(shape)}"
-            )
         runner = model.module()
     else:
         if hasattr(model, "eval"):
@@ -224,21 +242,7 @@ def to_onnx(
 
     example = torch.from_numpy(pre.random_inputs(2, shape, layout, seed))
     exporter = "torch-dynamo" if dynamo else "torch-legacy"
-    with tempfile.TemporaryDirectory(prefix="ncscan-export-") as td:
-        tmp = Path(td) / "model.onnx"
-        try:
-            proto, warns = _run_export(
-                torch, model, example, tmp, dynamo=dynamo, opset=target_opset
-            )
-        except (ModelError, ConfigError):
-            raise
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            hint = (
-                "check --input-shape; from Python, try dynamo=False" if dynamo
-                else "check --input-shape; from Python, try dynamo=True"
-            )
-            raise ModelError(f"torch.onnx.export ({exporter}) failed: {first[:300]}; {hint}") from e
+    proto, warns = _export_proto(torch, model, example, dynamo=dynamo, opset=target_opset)
     return complete_export(
         proto,
         out,

@@ -42,10 +42,6 @@ from .errors import ClusterError, ConfigError, NcscanError
 from .reverse import LabelTrace, Progress, ReverseConfig
 
 INSTALL_HINT = "install ncscan[ray] (pip install 'ncscan[ray]')"
-# Test hook: when set in the driver's environment, the first task attempt that finds no file
-# at this path creates it and kills its own worker process (os._exit), so the tests can check
-# that Ray retries the chunk. Never set it in production.
-FAULT_ENV = "NCSCAN_RAY_FAULT_ONCE"
 TASK_RETRIES = 3
 CONNECT_TIMEOUT_S = 5.0
 POLL_S = 0.25
@@ -118,6 +114,9 @@ class RayBackend:
     gpus: float
     cpus: float
     retries: int = TASK_RETRIES
+    # The function each Ray task runs (default `_chunk_task`); a wrapper may replace it, e.g. to
+    # add logging on the workers (the tests wrap it in one that kills its worker once).
+    chunk_task: Callable[..., tuple[list[LabelTrace], int]] | None = field(default=None, repr=False)
     _task: Any = field(default=None, repr=False)
 
     @property
@@ -140,7 +139,7 @@ class RayBackend:
 
     def remote_task(self) -> Any:
         if self._task is None:
-            self._task = self.ray.remote(_chunk_task)
+            self._task = self.ray.remote(self.chunk_task or _chunk_task)
         return self._task
 
     def runner(self, prep: Any) -> RayChunkRunner:
@@ -260,9 +259,8 @@ class RayChunkRunner:
     ) -> list[tuple[list[LabelTrace], int]]:
         ray = self.backend.ray
         task = self.backend.remote_task().options(**self.backend.task_options())
-        fault = os.environ.get(FAULT_ENV) or None
         refs = [
-            task.remote(self.files_ref, self.spec, self.x_ref, self.y_ref, lab, cfg, s, self.backend.device, fault)
+            task.remote(self.files_ref, self.spec, self.x_ref, self.y_ref, lab, cfg, s, self.backend.device)
             for lab, s in zip(chunks, seeds)
         ]
         where = {r: i for i, r in enumerate(refs)}
@@ -360,16 +358,10 @@ def _chunk_task(
     cfg: ReverseConfig,
     seed: int,
     device: str,
-    fault_marker: str | None = None,
 ) -> tuple[list[LabelTrace], int]:
     """One Ray task: reverse one chunk of labels (runs on a worker)."""
     from .reverse import reverse_chunk
 
-    if fault_marker:
-        marker = Path(fault_marker)
-        if not marker.exists():
-            marker.write_text(str(os.getpid()))
-            os._exit(1)  # simulate a worker that dies mid-chunk (tests only)
     try:
         import ray
 

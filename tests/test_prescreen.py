@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ncscan.scanner import (
-    PRESCREEN_KEEP_MIN,
-    PRESCREEN_SAMPLE,
-    prescreen_keep_size,
-    prescreen_sample_size,
-    scan,
-)
+from ncscan.prescreen import KEEP_MIN as PRESCREEN_KEEP_MIN
+from ncscan.prescreen import SAMPLE as PRESCREEN_SAMPLE
+from ncscan.prescreen import applies, unused_note
+from ncscan.prescreen import keep_size as prescreen_keep_size
+from ncscan.prescreen import sample_size as prescreen_sample_size
+from ncscan.scanner import scan
 
 from . import tiny
 
@@ -45,3 +44,10 @@ def test_prescreen_suspects_grow_like_sqrt() -> None:
     assert prescreen_keep_size(1000) == 32
     assert prescreen_keep_size(10_000) == 100
     assert all(prescreen_keep_size(n) >= min(n, PRESCREEN_KEEP_MIN) for n in range(1, 200))
+
+
+def test_prescreen_applies_only_with_enough_labels() -> None:
+    assert not applies("auto", 64) and applies("auto", 65)
+    assert not applies("on", PRESCREEN_SAMPLE + PRESCREEN_KEEP_MIN) and applies("on", PRESCREEN_SAMPLE + PRESCREEN_KEEP_MIN + 1)
+    assert not applies("off", 10_000)
+    assert "this scan has 10" in unused_note(10)

@@ -23,7 +23,7 @@ ray = pytest.importorskip("ray")
 import torch  # noqa: E402
 
 from ncscan.cli import run  # noqa: E402
-from ncscan.distributed import FAULT_ENV, RayBackend, connect  # noqa: E402
+from ncscan.distributed import RayBackend, connect  # noqa: E402
 from ncscan.reverse import preset  # noqa: E402
 from ncscan.scanner import ScanReport, scan  # noqa: E402
 
@@ -75,15 +75,31 @@ def test_ray_scan_equals_local_scan(backend: RayBackend) -> None:
     _same(local, remote)
 
 
-def test_killed_worker_is_retried(backend: RayBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _dies_once(marker: str) -> Any:
+    """A chunk task that kills its own worker process on its first attempt (a worker that dies
+    mid-chunk), then runs the real task: cloudpickle ships it by value to the workers."""
+    from ncscan.distributed import _chunk_task
+
+    def task(*args: Any) -> Any:
+        import os
+        from pathlib import Path
+
+        if not Path(marker).exists():
+            Path(marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return _chunk_task(*args)
+
+    return task
+
+
+def test_killed_worker_is_retried(backend: RayBackend, tmp_path: Path) -> None:
     e = entry("mnist_badnets_square")
     cfg = dataclasses.replace(preset("fast"), label_chunk=4, max_steps=20)
     marker = tmp_path / "died-once"
-    monkeypatch.setenv(FAULT_ENV, str(marker))
+    dying = dataclasses.replace(backend, chunk_task=_dies_once(str(marker)), _task=None, owns_ray=False)
     remote = scan(e["_abs"]["file"], e["_abs"]["scan_data"], device="cpu", seed=0, schedule=cfg,
-                  runner=backend.runner)
-    assert marker.exists()  # one task attempt called os._exit in its worker...
-    monkeypatch.delenv(FAULT_ENV)
+                  runner=dying.runner)
+    assert marker.exists()  # one task attempt killed its worker...
     local = _local(e["_abs"]["file"], e["_abs"]["scan_data"], cfg)
     _same(local, remote)  # ...and its retry gave the same result
 
