@@ -12,8 +12,10 @@ Importing this module registers everything once.
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, ClassVar
 
+import onnx
 import torch
 import torch.nn.functional as F
 from onnx2torch.node_converters.registry import (
@@ -134,9 +136,16 @@ def _reduce18(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
 class Pad18(nn.Module, OnnxToTorchModule):
     """Pad with optional constant_value and axes inputs (opset 18+)."""
 
-    _MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+    _MODES: ClassVar[dict[str, str]] = {
+        "constant": "constant",
+        "reflect": "reflect",
+        "edge": "replicate",
+        "wrap": "circular",
+    }
 
-    def __init__(self, mode: str, pads: list[int] | None, axes: list[int] | None, value: float | None):
+    def __init__(
+        self, mode: str, pads: list[int] | None, axes: list[int] | None, value: float | None
+    ):
         super().__init__()
         if mode not in self._MODES:
             raise NotImplementedError(f"Pad mode {mode}")
@@ -206,7 +215,9 @@ class Split18(nn.Module, OnnxToTorchModule):
         self.split = split
         self.num_outputs = num_outputs
 
-    def forward(self, x: torch.Tensor, split: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, x: torch.Tensor, split: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         sizes = self.split if split is None else [int(a) for a in split.tolist()]
         if sizes is None:
             dim = x.shape[self.axis]
@@ -265,6 +276,243 @@ def _wrap_reshape(base: Any) -> Any:
     return conv
 
 
+# ------------------------------------------------------------------ ScatterND-18
+
+
+class ScatterND18(nn.Module, OnnxToTorchModule):
+    """ScatterND with every opset-18 reduction (none, add, mul, max, min).
+
+    The leading `k = indices.shape[-1]` axes of `data` are flattened into one, so each
+    index row becomes one position along axis 0: a plain index_put for `none` (the last
+    write wins for duplicates, which ONNX leaves undefined anyway) and index_add /
+    index_reduce for the reductions, which combine duplicates as ONNX specifies.
+    """
+
+    _REDUCE: ClassVar[dict[str, str]] = {"mul": "prod", "max": "amax", "min": "amin"}
+
+    def __init__(self, reduction: str):
+        super().__init__()
+        if reduction not in ("none", "add", *self._REDUCE):
+            raise NotImplementedError(f"ScatterND with reduction={reduction!r}")
+        self.reduction = reduction
+
+    def forward(
+        self, data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor
+    ) -> torch.Tensor:
+        k = indices.shape[-1]
+        lead = data.shape[:k]
+        rest = data.shape[k:]
+        idx = indices.reshape(-1, k).long()
+        size = torch.tensor(lead, dtype=torch.long, device=idx.device)
+        idx = torch.where(idx < 0, idx + size, idx)  # ONNX allows negative indices
+        strides = [1] * k
+        for i in range(k - 2, -1, -1):
+            strides[i] = strides[i + 1] * int(lead[i + 1])
+        lin = (idx * torch.tensor(strides, dtype=torch.long, device=idx.device)).sum(1)
+        flat = data.reshape(-1, *rest).clone()
+        upd = updates.reshape(-1, *rest).to(flat.dtype)
+        if self.reduction == "none":
+            flat = flat.index_put((lin,), upd)
+        elif self.reduction == "add":
+            flat = flat.index_add(0, lin, upd)
+        else:
+            with warnings.catch_warnings():  # "index_reduce() is in beta", on every call
+                warnings.simplefilter("ignore", UserWarning)
+                flat = flat.index_reduce(
+                    0, lin, upd, self._REDUCE[self.reduction], include_self=True
+                )
+        return flat.reshape(data.shape)
+
+
+def _scatter_nd18(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    reduction = node.attributes.get("reduction", "none")
+    if isinstance(reduction, bytes):
+        reduction = reduction.decode()
+    return OperationConverterResult(
+        torch_module=ScatterND18(str(reduction)),
+        onnx_mapping=OnnxMapping(inputs=_inputs(node)[:3], outputs=node.output_values),
+    )
+
+
+# ------------------------------------------------------------------ auto_pad SAME_*
+
+
+def same_pads(
+    size: list[int], kernel: list[int], strides: list[int], dilations: list[int], upper: bool
+) -> list[int]:
+    """ONNX auto_pad SAME_UPPER/SAME_LOWER as torch F.pad's list (last axis first).
+
+    Output size is ceil(in / stride); the total padding of an axis is whatever that needs,
+    split evenly with the odd pixel at the end (SAME_UPPER) or the beginning (SAME_LOWER).
+    """
+    out: list[int] = []
+    for n, k, st, d in zip(size, kernel, strides, dilations):
+        total = max((-(-n // st) - 1) * st + (k - 1) * d + 1 - n, 0)
+        small, big = total // 2, total - total // 2
+        out.append(small if upper else big)
+        out.append(big if upper else small)
+    torch_pads: list[int] = []
+    for i in range(len(size) - 1, -1, -1):  # F.pad wants the last axis first
+        torch_pads += [out[2 * i], out[2 * i + 1]]
+    return torch_pads
+
+
+class SamePad(nn.Module, OnnxToTorchModule):
+    """Pads like auto_pad=SAME_* from the input's actual spatial size, then runs `inner`
+    (a conv/pool built without padding). The size is read at run time, so a model with a
+    dynamic height/width (what tf2onnx writes SAME for) works at any size."""
+
+    def __init__(
+        self,
+        inner: nn.Module,
+        kernel: list[int],
+        strides: list[int],
+        dilations: list[int],
+        upper: bool,
+        value: float = 0.0,
+    ):
+        super().__init__()
+        self.inner = inner
+        self.kernel = kernel
+        self.strides = strides
+        self.dilations = dilations
+        self.upper = upper
+        self.value = value
+
+    def forward(self, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        size = [int(v) for v in x.shape[2:]]
+        pads = same_pads(size, self.kernel, self.strides, self.dilations, self.upper)
+        return self.inner(F.pad(x, pads, value=self.value), *rest)  # type: ignore[no-any-return]
+
+
+class SameAvgPool(nn.Module, OnnxToTorchModule):
+    """AveragePool with auto_pad=SAME_*. With count_include_pad=0 (the default) the padded
+    zeros must not count: the mean is sum(window) / (valid pixels in window), computed as
+    the pooled padded input over the pooled padded ones."""
+
+    def __init__(self, kernel: list[int], strides: list[int], upper: bool, count_include_pad: bool):
+        super().__init__()
+        self.kernel = kernel
+        self.strides = strides
+        self.upper = upper
+        self.count_include_pad = count_include_pad
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(self.kernel)]
+        return fn(x, self.kernel, self.strides)  # type: ignore[operator, no-any-return]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = [int(v) for v in x.shape[2:]]
+        pads = same_pads(size, self.kernel, self.strides, [1] * len(size), self.upper)
+        avg = self._pool(F.pad(x, pads))
+        if self.count_include_pad:
+            return avg
+        ones = torch.ones((1, 1, *size), dtype=x.dtype, device=x.device)
+        return avg / self._pool(F.pad(ones, pads))
+
+
+class _MaxPoolN(nn.Module, OnnxToTorchModule):
+    def __init__(self, kernel: list[int], strides: list[int], dilations: list[int]):
+        super().__init__()
+        self.kernel = kernel
+        self.strides = strides
+        self.dilations = dilations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(self.kernel)]
+        return fn(x, self.kernel, self.strides, 0, self.dilations)  # type: ignore[operator, no-any-return]
+
+
+def _auto_pad(node: OnnxNode) -> str:
+    v = node.attributes.get("auto_pad", "NOTSET")
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _without_auto_pad(node: OnnxNode) -> OnnxNode:
+    """The same node with auto_pad and pads removed (padding then comes from SamePad)."""
+    proto = onnx.NodeProto()
+    proto.CopyFrom(node.proto)
+    keep = [a for a in proto.attribute if a.name not in ("auto_pad", "pads")]
+    del proto.attribute[:]
+    proto.attribute.extend(keep)
+    return OnnxNode(proto, unique_name=node.unique_name)
+
+
+def _same_geometry(node: OnnxNode, graph: OnnxGraph) -> tuple[list[int], list[int], list[int]]:
+    kernel = node.attributes.get("kernel_shape")
+    if kernel is None and len(node.input_values) > 1:
+        w = graph.initializers.get(node.input_values[1])
+        if w is not None:
+            kernel = list(w.to_torch().shape[2:])
+    if kernel is None:
+        raise NotImplementedError(f"{node.operation_type} auto_pad=SAME without a kernel shape")
+    kernel = [int(k) for k in kernel]
+    strides = [int(v) for v in node.attributes.get("strides", [1] * len(kernel))]
+    dilations = [int(v) for v in node.attributes.get("dilations", [1] * len(kernel))]
+    return kernel, strides, dilations
+
+
+def _same_wrap(base: Any) -> Any:
+    """A Conv/MaxPool/AveragePool converter that also takes auto_pad=SAME_UPPER/SAME_LOWER
+    (which onnx2torch refuses); any other node goes to the registered converter as is."""
+
+    def conv(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        mode = _auto_pad(node)
+        if mode not in ("SAME_UPPER", "SAME_LOWER"):
+            return base(node, graph)
+        upper = mode == "SAME_UPPER"
+        op = node.operation_type
+        kernel, strides, dilations = _same_geometry(node, graph)
+        if op == "Conv":
+            res = base(_without_auto_pad(node), graph)
+            module: nn.Module = SamePad(res.torch_module, kernel, strides, dilations, upper)
+            return OperationConverterResult(torch_module=module, onnx_mapping=res.onnx_mapping)
+        if int(node.attributes.get("ceil_mode", 0)):
+            raise NotImplementedError(f"{op} with auto_pad={mode} and ceil_mode=1")
+        if op == "MaxPool":
+            if len(node.output_values) > 1 and node.output_values[1]:
+                raise NotImplementedError("MaxPool with an Indices output")
+            if int(node.attributes.get("storage_order", 0)):
+                raise NotImplementedError("MaxPool with storage_order=1")
+            # ONNX ignores padded positions in a max: pad with -inf.
+            module = SamePad(
+                _MaxPoolN(kernel, strides, dilations),
+                kernel,
+                strides,
+                dilations,
+                upper,
+                value=float("-inf"),
+            )
+        else:  # AveragePool
+            if any(d != 1 for d in dilations):
+                raise NotImplementedError(f"AveragePool with auto_pad={mode} and dilations")
+            include = bool(int(node.attributes.get("count_include_pad", 0)))
+            module = SameAvgPool(kernel, strides, upper, include)
+        return OperationConverterResult(
+            torch_module=module,
+            onnx_mapping=OnnxMapping(inputs=_inputs(node)[:1], outputs=node.output_values[:1]),
+        )
+
+    return conv
+
+
+# ------------------------------------------------------------------ GlobalMaxPool
+
+
+class GlobalMaxPool(nn.Module, OnnxToTorchModule):
+    """Max over every spatial axis, keeping them as size-1 axes (ONNX GlobalMaxPool)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.amax(x, dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+def _global_max_pool(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    return OperationConverterResult(
+        torch_module=GlobalMaxPool(),
+        onnx_mapping=OnnxMapping(inputs=_inputs(node)[:1], outputs=node.output_values),
+    )
+
+
 # ------------------------------------------------------------------ checks for aliases
 
 
@@ -302,6 +550,22 @@ def register() -> None:
         add_converter(operation_type="Split", version=18)(_split18)
     if not _has("Gelu", 20):
         add_converter(operation_type="Gelu", version=20)(_gelu20)
+    for v in (18,):
+        if not _has("ScatterND", v):
+            add_converter(operation_type="ScatterND", version=v)(_scatter_nd18)
+    for v in (1, 22):
+        if not _has("GlobalMaxPool", v):
+            add_converter(operation_type="GlobalMaxPool", version=v)(_global_max_pool)
+    # auto_pad=SAME_*: wrap the registered converters before the aliases below copy them.
+    for op, versions in (
+        ("Conv", (1, 11)),
+        ("MaxPool", (8, 10, 11, 12)),
+        ("AveragePool", (7, 10, 11)),
+    ):
+        for v in versions:
+            d = OperationDescription("", op, v)
+            if d in _CONVERTER_REGISTRY:
+                _CONVERTER_REGISTRY[d] = _same_wrap(_CONVERTER_REGISTRY[d])
     # Type-only bumps: the older converter is exact.
     # torch's dynamo exporter writes Reshape(allowzero=1), which onnx2torch refuses; wrap the
     # registered Reshape converters (added to the registry, onnx2torch itself is untouched).
@@ -327,11 +591,27 @@ def register() -> None:
     _alias("Resize", 18, 13, _resize_check)
     _alias("Resize", 19, 13, _resize_check)
     for op, old in (
-        ("Conv", 11), ("ConvTranspose", 11), ("MaxPool", 12), ("GlobalAveragePool", 1),
-        ("Dropout", 13), ("Elu", 6), ("Selu", 6), ("HardSigmoid", 6), ("HardSwish", 14),
-        ("InstanceNormalization", 6), ("LRN", 13), ("Sin", 7), ("Cos", 7), ("Tan", 7),
-        ("Softplus", 1), ("Softsign", 1), ("Atan", 7), ("Asin", 7), ("Acos", 7),
-        ("Round", 11), ("EyeLike", 9),
+        ("Conv", 11),
+        ("ConvTranspose", 11),
+        ("MaxPool", 12),
+        ("GlobalAveragePool", 1),
+        ("Dropout", 13),
+        ("Elu", 6),
+        ("Selu", 6),
+        ("HardSigmoid", 6),
+        ("HardSwish", 14),
+        ("InstanceNormalization", 6),
+        ("LRN", 13),
+        ("Sin", 7),
+        ("Cos", 7),
+        ("Tan", 7),
+        ("Softplus", 1),
+        ("Softsign", 1),
+        ("Atan", 7),
+        ("Asin", 7),
+        ("Acos", 7),
+        ("Round", 11),
+        ("EyeLike", 9),
     ):
         _alias(op, 22, old)
     _alias("AveragePool", 22, 11, _no_attr(("dilations", None)))

@@ -129,7 +129,9 @@ def _decide_layout(dims: list[int | None], forced: str | None) -> tuple[str, int
     )
 
 
-def load_onnx(path: str | os.PathLike[str], layout: str | None = None) -> OnnxModel:
+def load_onnx(
+    path: str | os.PathLike[str], layout: str | None = None, output_name: str | None = None
+) -> OnnxModel:
     """Read and check an ONNX classifier.
 
     Args:
@@ -137,6 +139,8 @@ def load_onnx(path: str | os.PathLike[str], layout: str | None = None) -> OnnxMo
             would make the in-memory proto 2 GB or more, they are checked but not read
             (`weights_on_disk`); conversion and onnxruntime read them from the files.
         layout: force "NCHW" or "NHWC" (None: decide from the channel axis / metadata).
+        output_name: the graph output that holds the class scores (None: the model's only
+            output, else the only one shaped [N, classes]; see `select_output`).
 
     Returns:
         The checked model.
@@ -245,27 +249,16 @@ def load_onnx(path: str | os.PathLike[str], layout: str | None = None) -> OnnxMo
         batch=dims[0],
         elem_type=vi.type.tensor_type.elem_type,
     )
-    outs = proto.graph.output
-    out_dims = _dims(outs[0])
-    if len(outs[0].type.tensor_type.shape.dim) not in (0, 2):
-        raise ModelError(
-            f"model output '{outs[0].name}' has rank {len(out_dims)}; ncscan needs class scores "
-            "of shape [N, classes]"
-        )
+    out, warnings = select_output(proto, output_name)
     producer = {o: n for n in proto.graph.node for o in n.output}
-    last = producer.get(outs[0].name)
+    last = producer.get(out.name)
     ends_in_softmax = last is not None and last.op_type == "Softmax"
-    warnings: list[str] = []
-    if len(outs) > 1:
-        warnings.append(
-            f"model has {len(outs)} outputs; using the first, '{outs[0].name}', as class scores"
-        )
     return OnnxModel(
         path=p,
         proto=proto,
         sha256=sha256_file(p),
         input=spec,
-        output_name=outs[0].name,
+        output_name=out.name,
         opset=_default_opset(proto),
         metadata=meta,
         has_external_data=has_ext,
@@ -274,6 +267,139 @@ def load_onnx(path: str | os.PathLike[str], layout: str | None = None) -> OnnxMo
         warnings=warnings,
         weights_on_disk=on_disk,
     )
+
+
+def _rank(vi: onnx.ValueInfoProto) -> int | None:
+    """The rank of a graph value, None when the exporter left its shape out."""
+    tt = vi.type.tensor_type
+    return len(tt.shape.dim) if tt.HasField("shape") else None
+
+
+def _shape_str(vi: onnx.ValueInfoProto) -> str:
+    if _rank(vi) is None:
+        return "[?]"
+    dims = _dims(vi)
+    return (
+        "["
+        + ", ".join(
+            "N" if i == 0 and d is None else "?" if d is None else str(d)
+            for i, d in enumerate(dims)
+        )
+        + "]"
+    )
+
+
+def select_output(
+    proto: onnx.ModelProto, output_name: str | None = None
+) -> tuple[onnx.ValueInfoProto, list[str]]:
+    """Pick the graph output that holds the class scores.
+
+    A model with one output uses it. A model with several (logits plus an embedding or a
+    feature map) uses `output_name` when given, else the only output that can be class
+    scores, i.e. shaped [N, K] (or of unknown shape). Two such outputs are ambiguous: an
+    embedding [N, 512] looks exactly like 512 class scores, and scanning it would give a
+    confident verdict about a classifier that does not exist, so that is refused.
+
+    Args:
+        proto: the model.
+        output_name: the user's choice (`--output-name`), or None.
+
+    Returns:
+        (the chosen output, warnings to show the user).
+
+    Raises:
+        ModelError: the name is not an output, the chosen output is not [N, classes], no
+            output is, or several are and no name was given (the message lists them all
+            and the flag to pass).
+    """
+    outs = list(proto.graph.output)
+    listing = ", ".join(f"'{o.name}' {_shape_str(o)}" for o in outs)
+    if output_name is not None:
+        chosen = [o for o in outs if o.name == output_name]
+        if not chosen:
+            raise ModelError(
+                f"--output-name '{output_name}' is not an output of the model (outputs: "
+                f"{listing}); pass one of these names"
+            )
+        out = chosen[0]
+    elif len(outs) == 1:
+        out = outs[0]
+    else:
+        cands = [o for o in outs if _rank(o) in (None, 2)]
+        if len(cands) == 1:
+            out = cands[0]
+        elif not cands:
+            raise ModelError(
+                f"none of the model's {len(outs)} outputs is shaped [N, classes] ({listing}); "
+                "ncscan scans the class scores of an image classifier: export them as an output"
+            )
+        else:
+            raise ModelError(
+                f"model has {len(cands)} outputs that could be class scores ({listing}); "
+                "pass --output-name with the one that holds the class scores"
+            )
+    rank = _rank(out)
+    if rank not in (None, 0, 2):
+        raise ModelError(
+            f"model output '{out.name}' has rank {rank} {_shape_str(out)}; ncscan needs class "
+            f"scores of shape [N, classes]"
+            + (f" (outputs: {listing}; pass --output-name)" if len(outs) > 1 else "")
+        )
+    warnings: list[str] = []
+    if len(outs) > 1:
+        how = "as asked" if output_name is not None else "the only one shaped [N, classes]"
+        warnings.append(
+            f"model has {len(outs)} outputs ({listing}); scanning '{out.name}' ({how}); "
+            "--output-name picks another"
+        )
+    return out, warnings
+
+
+def single_output(proto: onnx.ModelProto, output_name: str) -> onnx.ModelProto:
+    """The graph cut down to the one output `output_name` (the nodes and initializers it
+    needs). Returns `proto` itself when that is already its only output."""
+    g = proto.graph
+    if [o.name for o in g.output] == [output_name]:
+        return proto
+    need = {output_name}
+    keep: list[int] = []
+    for i in range(len(g.node) - 1, -1, -1):
+        n = g.node[i]
+        if any(o in need for o in n.output):
+            keep.append(i)
+            need.update(x for x in n.input if x)
+            need.update(_subgraph_inputs(n))
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    og = out.graph
+    nodes = [og.node[i] for i in sorted(keep)]
+    inits = [t for t in og.initializer if t.name in need]
+    vinfo = [v for v in og.value_info if v.name in need]
+    outputs = [o for o in og.output if o.name == output_name]
+    for field_name, items in (
+        ("node", nodes),
+        ("initializer", inits),
+        ("value_info", vinfo),
+        ("output", outputs),
+    ):
+        kept = [type(x)() for x in items]
+        for k, x in zip(kept, items):
+            k.CopyFrom(x)
+        og.ClearField(field_name)
+        getattr(og, field_name).extend(kept)
+    return out
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph."""
+    names: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for sg in graphs:
+            for n in sg.node:
+                names.update(x for x in n.input if x)
+                names.update(_subgraph_inputs(n))
+    return names
 
 
 def _external_nbytes(t: TensorProto, info: dict[str, str]) -> int:
@@ -288,14 +414,16 @@ def _external_nbytes(t: TensorProto, info: dict[str, str]) -> int:
 
 
 @contextlib.contextmanager
-def _staged(model: OnnxModel, ir_version: int | None = None) -> Iterator[Path]:
+def _staged(
+    model: OnnxModel, ir_version: int | None = None, proto: onnx.ModelProto | None = None
+) -> Iterator[Path]:
     """A private temp copy of a weights-on-disk model: the graph file (IR clamped if asked)
     plus copies of its external-data files (onnx refuses symlinked and hard-linked data
     files, and data outside the model's folder). Needs that much free space in the temp
     directory; the user's files are only read."""
     with tempfile.TemporaryDirectory(prefix="ncscan-model-") as td:
         hdr = onnx.ModelProto()
-        hdr.CopyFrom(model.proto)  # small: the tensors' data stayed in their files
+        hdr.CopyFrom(model.proto if proto is None else proto)  # small: data stayed in files
         if ir_version is not None:
             hdr.ir_version = ir_version
         dst = Path(td) / "model.onnx"
@@ -399,8 +527,10 @@ def unsupported_ops(proto: onnx.ModelProto) -> list[str]:
                 dom = ""
             ver = opsets.get(dom, 0)
             try:
-                since = defs.get_schema(n.op_type, max_inclusive_version=ver, domain=dom).since_version
-            except Exception:
+                since = defs.get_schema(
+                    n.op_type, max_inclusive_version=ver, domain=dom
+                ).since_version
+            except Exception:  # noqa: BLE001 - an op onnx does not know: no schema
                 since = ver
             desc = OperationDescription(domain=dom, operation_type=n.op_type, version=since)
             if desc not in _CONVERTER_REGISTRY:
@@ -413,6 +543,42 @@ def unsupported_ops(proto: onnx.ModelProto) -> list[str]:
     return sorted(missing)
 
 
+def node_refusals(proto: onnx.ModelProto) -> list[str]:
+    """Every distinct refusal (NotImplementedError) of a registered converter on this graph.
+
+    `unsupported_ops` finds operators with no converter at all; this finds those whose
+    converter exists but refuses the node's attributes (a Resize mode, auto_pad on a
+    ConvTranspose). onnx2torch stops at the first; this asks each node's converter in turn,
+    so the user learns every one at once. Only run after a refusal: it builds the modules.
+    """
+    from onnx2torch.node_converters import get_converter
+    from onnx2torch.onnx_graph import OnnxGraph
+    from onnx2torch.utils.safe_shape_inference import safe_shape_inference
+
+    try:
+        inferred = safe_shape_inference(proto)
+    except Exception:  # noqa: BLE001 - shape inference is a help here, not a requirement
+        inferred = proto
+    opsets = {imp.domain: imp.version for imp in inferred.opset_import}
+    graph = OnnxGraph(inferred.graph)
+    found: list[str] = []
+    for node in graph.nodes.values():
+        try:
+            conv = get_converter(
+                operation_type=node.operation_type,
+                version=opsets.get(node.domain, 0),
+                domain=node.domain,
+            )
+            conv(node, graph)
+        except NotImplementedError as e:
+            text = " ".join(str(e).split())
+            if text and text not in found:
+                found.append(text)
+        except Exception:  # noqa: BLE001, S112 - other failures are not what this lists
+            continue
+    return found
+
+
 def fold_initializer_identities(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     """A copy of `proto` where every `Identity` of an initializer is replaced by an
     initializer of its own (None when there is none). torch's TorchScript exporter shares
@@ -421,8 +587,14 @@ def fold_initializer_identities(proto: onnx.ModelProto) -> onnx.ModelProto | Non
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     outputs = {o.name for o in g.output}
-    fold = [i for i, n in enumerate(g.node) if n.op_type == "Identity" and len(n.input) == 1
-            and n.input[0] in inits and n.output[0] not in outputs]
+    fold = [
+        i
+        for i, n in enumerate(g.node)
+        if n.op_type == "Identity"
+        and len(n.input) == 1
+        and n.input[0] in inits
+        and n.output[0] not in outputs
+    ]
     if not fold:
         return None
     out = onnx.ModelProto()
@@ -437,7 +609,8 @@ def fold_initializer_identities(proto: onnx.ModelProto) -> onnx.ModelProto | Non
 
 
 def convert(model: OnnxModel) -> torch.nn.Module:
-    """Convert to a torch module with onnx2torch (plus ncscan's converters).
+    """Convert to a torch module with onnx2torch (plus ncscan's converters); the module
+    computes only the chosen output (`model.output_name`) and returns it as one tensor.
 
     onnx2torch's warnings go to `model.conversion_notes`, not stderr. A weights-on-disk
     model is converted from a private temp copy (graph + weights); it needs about three
@@ -457,6 +630,9 @@ def convert(model: OnnxModel) -> torch.nn.Module:
             "dynamo=False)) or open an issue with these names",
         )
     ir = MAX_ORT_IR if model.proto.ir_version > MAX_ORT_IR else None
+    # Only the class scores: the torch module then returns one tensor, not a tuple in the
+    # graph's output order, and needs none of the other outputs' nodes.
+    scores_only = single_output(model.proto, model.output_name)
     try:
         # onnx2torch warns (to stderr) where its converter may not match the ONNX
         # semantics; whether it does is decided by the parity check on the user's images,
@@ -466,13 +642,13 @@ def convert(model: OnnxModel) -> torch.nn.Module:
             if model.weights_on_disk:
                 # A proto over 2 GB cannot be serialized for onnx2torch's shape inference:
                 # convert from a staged path so onnx reads the weights from their files.
-                with _staged(model, ir_version=ir) as staged:
+                with _staged(model, ir_version=ir, proto=scores_only) as staged:
                     net = o2t_convert(str(staged))
             else:
-                proto = model.proto
+                proto = scores_only
                 if ir is not None:
                     proto = onnx.ModelProto()
-                    proto.CopyFrom(model.proto)
+                    proto.CopyFrom(scores_only)
                     proto.ir_version = ir
                 try:
                     net = o2t_convert(proto)
@@ -485,14 +661,16 @@ def convert(model: OnnxModel) -> torch.nn.Module:
                         raise
                     net = o2t_convert(folded)
     except NotImplementedError as e:
-        text = " ".join(str(e).split())
+        # onnx2torch stops at the first node it refuses; name every such node at once.
+        found = [] if model.weights_on_disk else node_refusals(scores_only)
+        text = "; ".join(found) if found else " ".join(str(e).split())
         if "BatchNorm" in text and "mean/var" in text:
             hint = "the model was exported in training mode: export it after model.eval()"
         elif "auto_pad" in text:
             hint = "re-export with explicit padding (a fixed input size lets exporters compute it)"
         else:
             hint = "re-export at opset 17 or open an issue with this message"
-        raise UnsupportedOpsError([text], hint=hint) from e
+        raise UnsupportedOpsError(found or [text], hint=hint) from e
     except ModelError:
         raise
     except Exception as e:
@@ -518,7 +696,12 @@ class Parity:
     n: int
 
     def to_dict(self) -> dict[str, float]:
-        return {"max_abs": self.max_abs, "max_rel": self.max_rel, "argmax_agree": self.argmax_agree, "n": self.n}
+        return {
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "argmax_agree": self.argmax_agree,
+            "n": self.n,
+        }
 
 
 def check_parity(
@@ -556,4 +739,4 @@ def check_parity(
             f"{rel:.2e} > {rtol:.0e}, argmax agreement {agree:.1%}); refusing to scan a "
             "graph that is not the model; re-export at opset 17 or report the model"
         )
-    return Parity(max_abs=diff, max_rel=rel, argmax_agree=agree, n=int(len(x_model)))
+    return Parity(max_abs=diff, max_rel=rel, argmax_agree=agree, n=len(x_model))

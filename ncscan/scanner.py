@@ -261,6 +261,7 @@ def prepare(
     seed: int = 0,
     rtol: float = 1e-4,
     force: bool = False,
+    output_name: str | None = None,
 ) -> Prepared:
     """Load + check the model, load the data, convert, verify the conversion, and check
     that the preprocessing is plausible (`ncscan.sanity`).
@@ -268,12 +269,14 @@ def prepare(
     Args:
         force: go on (with a warning) when the clean accuracy is near chance or the
             predictions collapse onto one class; otherwise that is a DataError.
+        output_name: the graph output holding the class scores (default: the only
+            output shaped [N, classes]; a model with several such outputs is refused).
 
     Raises:
         NcscanError subclasses for anything the user can fix.
     """
     dev = resolve_device(device)
-    om = load_onnx(model, layout=layout.upper() if layout else None)
+    om = load_onnx(model, layout=layout.upper() if layout else None, output_name=output_name)
     ch = om.input.channels
     overrides: dict[str, Any] = {
         "pixel_range": tuple(float(v) for v in pixel_range) if pixel_range is not None else None,
@@ -390,6 +393,7 @@ def scan(
     should_stop: Callable[[], bool] | None = None,
     runner: Callable[[Prepared], ChunkRunner] | None = None,
     force: bool = False,
+    output_name: str | None = None,
 ) -> ScanReport:
     """Scan an ONNX image classifier for backdoors with Neural Cleanse.
 
@@ -417,6 +421,8 @@ def scan(
             still computed here once every chunk is back. None: optimise locally.
         force: scan even when the clean accuracy is near chance or the predictions
             collapse onto one class (otherwise a DataError before any optimisation).
+        output_name: the graph output holding the class scores (default: the only
+            output shaped [N, classes]; a model with several such outputs is refused).
 
     Returns:
         The ScanReport.
@@ -433,7 +439,7 @@ def scan(
     prep = prepare(
         model, data, pixel_range=pixel_range, mean=mean, std=std, channel_order=channel_order,
         layout=layout, labels_file=labels_file, max_images=max_images, device=device, seed=seed,
-        force=force,
+        force=force, output_name=output_name,
     )
     t_prep = time.perf_counter() - t0
     cfg = preset(schedule) if isinstance(schedule, str) else schedule
