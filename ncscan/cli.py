@@ -92,6 +92,7 @@ def scan_cmd(
     std: Std = None,
     bgr: Bgr = None,
     layout: LayoutOpt = None,
+    output_name: Annotated[Optional[str], typer.Option("--output-name", help="The model output that holds the class scores (default: the only output shaped [N, classes]).", show_default=False)] = None,
     threshold: ThresholdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
@@ -131,7 +132,7 @@ def scan_cmd(
     backend = connect_ray(ray)  # before any work: a bad address fails in seconds
     with _scan_progress(err, not quiet) as on_progress:
         try:
-            report = scan(model, data, **kwargs, progress=on_progress,
+            report = scan(model, data, **kwargs, output_name=output_name, progress=on_progress,
                           runner=backend.runner if backend is not None else None)
         finally:
             if backend is not None:

@@ -243,6 +243,7 @@ class RayChunkRunner:
             "channels": om.input.channels,
             "output_is_prob": prep.output == "probabilities",
             "static_batch_one": om.input.batch == 1,
+            "output_name": om.output_name,  # the scores of a multi-output model
         }
         self.x_ref = ray.put(prep.x.cpu())
         self.y_ref = ray.put(None if prep.y is None else prep.y.cpu())
@@ -335,7 +336,7 @@ def _worker_model(files: dict[str, bytes], spec: dict[str, Any]) -> torch.nn.Mod
             p = Path(td) / name
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
-        om = load_onnx(Path(td) / spec["name"], layout=spec["layout"])
+        om = load_onnx(Path(td) / spec["name"], layout=spec["layout"], output_name=spec.get("output_name"))
         net = convert(om)
     pm = PixelModel(
         net, spec["preprocess"], spec["channels"],

@@ -272,3 +272,26 @@ def test_third_party_keras_h5_from_pypi_through_ncscan_export(tmp_path: Path) ->
     om = load_onnx(out)
     assert (om.input.layout, om.input.height, om.input.width) == ("NHWC", 32, 32)
     _scan_and_check(out, tmp_path)
+
+
+def test_cli_output_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Through the entry point: an ambiguous model exits 2 with one line naming the outputs
+    and the flag; with --output-name the scan runs and says which output it scanned."""
+    from ncscan.cli import run
+
+    from .conftest import cli_preprocess_args
+
+    p, e = _two_output_model(tmp_path, embedding_first=True)
+    base = [str(p), "--data", e["_abs"]["scan_data"], *cli_preprocess_args(e), "--quiet",
+            "--device", "cpu", "--max-steps", "1", "--max-images", "20"]  # fmt: skip
+    assert run(base) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ncscan: error:"), err
+    assert "'embedding' [N, 64]" in err and "'output' [N, 10]" in err and "--output-name" in err
+    out = tmp_path / "r.json"
+    rc = run([*base, "--output-name", "output", "-o", str(out)])
+    assert rc in (0, 1, 4), capsys.readouterr().err
+    rep = json.loads(out.read_text())
+    assert rep["num_classes"] == 10 and len(rep["labels"]) == 10
+    assert any("scanning 'output'" in w for w in rep["warnings"])
