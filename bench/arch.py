@@ -73,6 +73,18 @@ def build(name: str, *, num_classes: int = NUM_CLASSES, seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     net = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        # Freshly initialised BatchNorm statistics (mean 0, var 1) let the activations of a
+        # deep random net vanish (EfficientNet-B0's features: ~1e-14, MobileNetV3: ~1e-9),
+        # and then every output is the bias and any conversion "matches". Statistics from
+        # one batch of random images make the activations O(1), as in a trained model.
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # a plain average over the calibration batch
+        net.train()
+        with torch.no_grad():
+            net(torch.rand(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)))
     last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
         # Unit-variance logits for unit-variance features: O(1) scores, so a conversion
@@ -148,13 +160,18 @@ def convert_and_check(path: Path, n: int = 2) -> dict[str, Any]:
     net = convert(om)
     t_conv = time.perf_counter() - t0
     sess = ort_session(om)
-    x = _model_input(om, np.random.default_rng(1).normal(size=(n, *_image_hw(om), 3)))
+    # Images in [0, 1], what ncscan feeds the model by default (and what the BatchNorm
+    # statistics were set on): on N(0, 1) noise a calibrated EfficientNet-B0's logits reach
+    # ~4,000 and float32 itself is 3e-4 away from float64, conversion or not.
+    x = _model_input(om, np.random.default_rng(1).uniform(size=(n, *_image_hw(om), 3)))
     par = check_parity(net, lambda a: ort_run(sess, om, a), x, rtol=RTOL)
     ref = ort_run(sess, om, x)
     with torch.no_grad():
         got = net(torch.from_numpy(x)).numpy().reshape(ref.shape)
     scale = float(np.abs(ref).max())
     return {
+        # how much the logits depend on the input (0: a constant output, no parity evidence)
+        "logit_spread": float(np.abs(ref - ref.mean(0)).max()),
         # ncscan's measure divides by max(1, max|logit|); with logits below 1 it is an
         # absolute one, so the strict ratio (divided by max|logit|) is recorded as well.
         "parity_rel_strict": float(np.abs(got - ref).max() / max(scale, 1e-12)),
@@ -281,7 +298,7 @@ def write_report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
             "Models: torchvision, random weights (`weights=None`), seed 0, 10-class head "
             "re-drawn for O(1) logits; exported by torch "
             f"{meta['torch']} (dynamo: opset 18; legacy: opset 17), batch axis dynamic. Parity: "
-            "ncscan's check against onnxruntime on 2 random inputs, max |torch - ort| / "
+            "ncscan's check against onnxruntime on 2 random images in [0, 1], max |torch - ort| / "
             "max(1, max |ort|) (ncscan scans when <= 1e-4); strict: max |torch - ort| / max |ort|. ms/pass: forward + backward to the input, "
             "batch 4, best of 2 after a warm-up. Scan: 3 labels, 1 step of 1 mini-batch of 2, "
             "10 random 224x224 images (the fewest ncscan takes) labelled with the model's own "
@@ -380,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     a = sub.add_parser("all")
     a.add_argument("--workdir", type=Path, default=Path("/tmp/ncscan-arch"))
     a.add_argument("--archs", default=",".join(ARCHS))
+    a.add_argument("--merge", action="store_true", help="keep bench/arch.json's other rows")
     a.add_argument(
         "--scan-exporters", default="dynamo", help="exporters whose model is also scanned"
     )
@@ -421,6 +439,15 @@ def main(argv: list[str] | None = None) -> None:
         "load_after": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
         "torch": torch.__version__,
     }
+    if args.merge and (ROOT / "bench" / "arch.json").exists():
+        done = {(r["arch"], r["exporter"]) for r in rows}
+        old = json.loads((ROOT / "bench" / "arch.json").read_text())
+        kept = [r for r in old["rows"] if (r["arch"], r["exporter"]) not in done]
+        rows = sorted(kept + rows, key=lambda r: (ARCHS.index(r["arch"]), r["exporter"]))
+        meta["command"] += f" (rows {args.archs} re-run at {meta['date']}: " + (
+            f"--archs {args.archs} --merge; the others from {old['meta']['date']})"
+        )
+        meta["date"] = old["meta"]["date"] + " and " + meta["date"]
     write_report(rows, meta)
 
 
