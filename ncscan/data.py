@@ -10,13 +10,24 @@ from __future__ import annotations
 import json
 import os
 import warnings as _pywarnings
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import DataError
+from .errors import ConfigError, DataError
+
+#: How an image of another size is brought to the model's input size. "squash" resizes
+#: straight to H x W (the aspect ratio changes); "shorter-crop" scales the image so it
+#: covers H x W (its shorter side becomes the target side) and takes the centre, as
+#: torchvision's eval transforms (Resize + CenterCrop) do for ImageNet models.
+RESIZE_MODES = ("squash", "shorter-crop")
+
+#: Called while images are decoded: (images decoded so far, images to decode).
+LoadProgress = Callable[[int, int], None]
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MIN_IMAGES = 10
@@ -103,6 +114,37 @@ def _read_image(path: Path, channels: int) -> np.ndarray:
             return arr
 
 
+def check_resize(mode: str) -> str:
+    """Validate a resize mode (see RESIZE_MODES); returns it.
+
+    Raises:
+        ConfigError: an unknown mode.
+    """
+    if mode not in RESIZE_MODES:
+        raise ConfigError(f"--resize must be squash or shorter-crop, got {mode!r}")
+    return mode
+
+
+def fit_image(arr: np.ndarray, h: int, w: int, mode: str = "squash") -> np.ndarray:
+    """One uint8 HxWxC image at h x w, by `mode` (see RESIZE_MODES)."""
+    if arr.shape[:2] == (h, w):
+        return arr
+    if mode == "squash":
+        return _resize(arr, h, w)
+    ih, iw = arr.shape[:2]
+    # Scale so the image covers h x w, then crop the centre (torchvision: Resize(side) with
+    # the shorter side to the target, then CenterCrop with its rounding of the offsets).
+    # The longer side is truncated as torchvision does (int(side * long / short)).
+    if h / ih >= w / iw:
+        rh, rw = h, max(w, int(iw * h / ih))
+    else:
+        rh, rw = max(h, int(ih * w / iw)), w
+    if (rh, rw) != (ih, iw):
+        arr = _resize(arr, rh, rw)
+    top, left = round((rh - h) / 2.0), round((rw - w) / 2.0)
+    return np.ascontiguousarray(arr[top : top + h, left : left + w])
+
+
 def _resize(arr: np.ndarray, h: int, w: int) -> np.ndarray:
     from PIL import Image
 
@@ -184,8 +226,15 @@ def load_data(
     max_images: int | None = None,
     min_images: int = MIN_IMAGES,
     seed: int = 0,
+    resize: str = "squash",
+    progress: LoadProgress | None = None,
 ) -> Dataset:
     """Load clean images.
+
+    The `max_images` cut is made on the file list before anything is decoded, so a folder of
+    100,000 photos costs only the images that are used. An unreadable image among those is
+    replaced by another of the same class (seeded), so the count holds while there are
+    readable ones.
 
     Args:
         path: image folder with class subfolders, a flat image folder, or an .npz
@@ -197,13 +246,18 @@ def load_data(
         max_images: keep at most this many (a seeded random, class-stratified subset).
         min_images: fewer usable images than this is an error.
         seed: for the subset.
+        resize: how images of another size are fitted (RESIZE_MODES): "squash" (default)
+            or "shorter-crop" (torchvision's eval Resize + CenterCrop).
+        progress: called as (decoded, to decode) while a folder's images are decoded.
 
     Returns:
         The dataset (uint8 NHWC at the model's size).
 
     Raises:
         DataError: missing/empty/unreadable data or labels that don't fit the model.
+        ConfigError: an unknown resize mode.
     """
+    check_resize(resize)
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {p} does not exist; pass --data DIR (images) or FILE.npz")
@@ -213,20 +267,26 @@ def load_data(
                 f"data file {p} is not an .npz; pass an image folder or an .npz with 'x' (and 'y')"
             )
         ds = _load_npz(p, channels)
+        if max_images is not None and len(ds) >= min_images and len(ds) > max_images:
+            # Cut before resizing; the subset is the one the full array would give.
+            idx = subset_indices(ds.y, len(ds), max_images, seed)
+            ds.x = ds.x[idx]
+            ds.y = ds.y[idx] if ds.y is not None else None
     else:
-        ds = _load_folder(p, channels, labels_file, size)
-    ds = _fit_size(ds, size)
+        ds = _load_folder(p, channels, labels_file, size, max_images=max_images, seed=seed,
+                          resize=resize, progress=progress, min_images=min_images)
+    ds = _fit_size(ds, size, resize)
     if num_classes is not None:
         check_labels(ds.y, num_classes, str(p))
-    if len(ds) < min_images:
+    # A cut that got all the images it asked for is enough even below min_images: that many
+    # were asked for (as when the cut came after decoding everything).
+    if len(ds) < min_images and not getattr(ds, "_cut", False):
         raise DataError(
             f"data in {p} has {len(ds)} usable image(s); ncscan needs at least {min_images} "
             "clean images (a few hundred recommended)"
         )
-    if max_images is not None and len(ds) > max_images:
-        idx = subset_indices(ds.y, len(ds), max_images, seed)
-        ds.x = ds.x[idx]
-        ds.y = ds.y[idx] if ds.y is not None else None
+    if hasattr(ds, "_cut"):
+        del ds._cut  # type: ignore[attr-defined]
     return ds
 
 
@@ -303,7 +363,16 @@ def _load_npz(p: Path, channels: int) -> Dataset:
 
 
 def _load_folder(
-    p: Path, channels: int, labels_file: Any, size: tuple[int | None, int | None] = (None, None)
+    p: Path,
+    channels: int,
+    labels_file: Any,
+    size: tuple[int | None, int | None] = (None, None),
+    *,
+    max_images: int | None = None,
+    seed: int = 0,
+    resize: str = "squash",
+    progress: LoadProgress | None = None,
+    min_images: int = MIN_IMAGES,
 ) -> Dataset:
     try:
         entries = sorted(p.iterdir())
@@ -350,29 +419,55 @@ def _load_folder(
             f"data folder {p} has no images ({', '.join(sorted(IMAGE_EXTS))}); pass a folder of "
             "images or class subfolders of images"
         )
-    imgs: list[np.ndarray] = []
-    labels: list[int] = []
+    ys = None if items[0][1] is None else np.asarray([lab for _, lab in items], np.int64)
+    n_items = len(items)
+    cut = max_images is not None and n_items > max_images and n_items >= min_images
+    if cut:
+        assert max_images is not None
+        want = [int(i) for i in subset_indices(ys, n_items, max_images, seed)]
+        # Replacements for unreadable picks: the rest in a seeded order, grouped by class.
+        chosen = set(want)
+        rest = [int(i) for i in np.random.default_rng([seed, 17]).permutation(n_items) if int(i) not in chosen]
+        spares: dict[int | None, deque[int]] = {}
+        for i in rest:
+            spares.setdefault(items[i][1], deque()).append(i)
+    else:
+        want = list(range(n_items))
+        spares = {}
+    got: dict[int, np.ndarray] = {}
     bad: list[str] = []
     huge: list[str] = []
     # With a fixed model size, shrink each image as it is read, so a folder of camera-size
     # photos never sits in memory at full resolution.
     th, tw = size
     n_resized = 0
-    for f, lab in items:
+    queue = deque(want)
+    total = len(want)
+    while queue:
+        i = queue.popleft()
+        f = items[i][0]
         try:
             a = _read_image(f, channels)
         except _TooLarge:
             huge.append(f.name)
-            continue
+            a = None
         except Exception:  # noqa: BLE001  # corrupt, truncated, unsupported: skip with a count
             bad.append(f.name)
+            a = None
+        if a is None:
+            spare = _next_spare(spares, items[i][1])
+            if spare is not None:
+                queue.append(spare)
             continue
         if th is not None and tw is not None and a.shape[:2] != (th, tw):
-            a = _resize(a, th, tw)
+            a = fit_image(a, th, tw, resize)
             n_resized += 1
-        imgs.append(a)
-        if lab is not None:
-            labels.append(lab)
+        got[i] = a
+        if progress is not None:
+            progress(len(got), total)
+    order = sorted(got)
+    imgs = [got[i] for i in order]
+    labels = [int(items[i][1]) for i in order] if ys is not None else []  # type: ignore[arg-type]
     warns: list[str] = []
     if empty_classes and items:
         warns.append(
@@ -399,27 +494,41 @@ def _load_folder(
     shapes = {a.shape[:2] for a in imgs}
     ds = Dataset(
         x=np.empty((0,), np.uint8),
-        y=np.asarray(labels, np.int64) if items[0][1] is not None else None,
+        y=np.asarray(labels, np.int64) if ys is not None else None,
         source=str(p),
         class_names=class_names,
         warnings=warns,
         skipped=len(bad) + len(huge),
     )
+    ds._cut = cut and len(imgs) == total  # type: ignore[attr-defined]
     ds._raw = imgs  # type: ignore[attr-defined]  # resized in _fit_size
     ds._resized = n_resized  # type: ignore[attr-defined]
     ds._mixed = len(shapes) > 1  # type: ignore[attr-defined]
     return ds
 
 
-def _fit_size(ds: Dataset, size: tuple[int | None, int | None]) -> Dataset:
+def _how(resize: str) -> str:
+    return " (shorter side to the target, centre crop)" if resize == "shorter-crop" else ""
+
+
+def _next_spare(spares: dict[int | None, deque[int]], label: int | None) -> int | None:
+    """The next replacement for an unreadable image: same class first, else any class."""
+    for key in [label, *sorted(spares, key=lambda k: (k is None, k or 0))]:
+        q = spares.get(key)
+        if q:
+            return q.popleft()
+    return None
+
+
+def _fit_size(ds: Dataset, size: tuple[int | None, int | None], resize: str = "squash") -> Dataset:
     raw: list[np.ndarray] | None = getattr(ds, "_raw", None)
     if raw is None:
         raw_h, raw_w = ds.x.shape[1:3]
         h = size[0] or raw_h
         w = size[1] or raw_w
         if (raw_h, raw_w) != (h, w):
-            ds.warnings.append(f"resized {len(ds)} image(s) from {raw_h}x{raw_w} to {h}x{w}")
-            ds.x = np.stack([_resize(a, h, w) for a in ds.x], 0)
+            ds.warnings.append(f"resized {len(ds)} image(s) from {raw_h}x{raw_w} to {h}x{w}{_how(resize)}")
+            ds.x = np.stack([fit_image(a, h, w, resize) for a in ds.x], 0)
         return ds
     h0, w0 = raw[0].shape[:2]
     h = size[0] or h0
@@ -428,7 +537,7 @@ def _fit_size(ds: Dataset, size: tuple[int | None, int | None]) -> Dataset:
     out = []
     for a in raw:
         if a.shape[:2] != (h, w):
-            a = _resize(a, h, w)
+            a = fit_image(a, h, w, resize)
             n_resized += 1
         out.append(a)
     if n_resized:
@@ -436,7 +545,7 @@ def _fit_size(ds: Dataset, size: tuple[int | None, int | None]) -> Dataset:
             f"the model's {h}x{w} input" if size[0] and size[1]
             else f"{h}x{w} (the model takes any size; the first image's size was used)"
         )
-        ds.warnings.append(f"resized {n_resized} image(s) to {to}")
+        ds.warnings.append(f"resized {n_resized} image(s) to {to}{_how(resize)}")
     ds.x = np.ascontiguousarray(np.stack(out, 0))
     del ds._raw  # type: ignore[attr-defined]
     if hasattr(ds, "_resized"):

@@ -10,6 +10,8 @@ would get alone. Labels that early-stop leave the batch.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -105,27 +107,127 @@ class Progress:
     passes: int  # image forward+backward passes so far
 
 
-def _bytes_per_image(model: torch.nn.Module, x1: torch.Tensor) -> int:
-    """Activation bytes one image needs in a forward pass (leaf-module outputs)."""
-    total = [0]
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Activation memory per image, measured on a probe pass, and the pass sizes it allows.
 
-    def hook(_m: Any, _i: Any, out: Any) -> None:
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        for o in outs:
-            if isinstance(o, torch.Tensor):
-                total[0] += o.numel() * o.element_size()
+    Attributes:
+        train_bytes_per_image: a forward+backward for the trigger's gradient: the tensors
+            autograd keeps for the backward (measured on the probe pass with saved-tensor
+            hooks; the network's weights excluded), the stamped image, and three times the
+            largest single activation for the backward's transient gradients.
+        forward_bytes_per_image: a forward without gradients: the image and three times the
+            largest activation (a layer's input and output and one skip connection alive).
+        budget_bytes: the activation budget (`memory_budget_mb`).
+        train_images: images per forward+backward pass that fit the budget (>= 1).
+        forward_images: images per forward-only pass that fit the budget (>= 1).
+    """
 
-    hs = [m.register_forward_hook(hook) for m in model.modules() if len(list(m.children())) == 0]
+    train_bytes_per_image: int
+    forward_bytes_per_image: int
+    budget_bytes: int
+    train_images: int
+    forward_images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        mb = 2.0**20
+        return {
+            "train_mb_per_image": round(self.train_bytes_per_image / mb, 3),
+            "forward_mb_per_image": round(self.forward_bytes_per_image / mb, 3),
+            "budget_mb": round(self.budget_bytes / mb, 1),
+            "train_images_per_pass": self.train_images,
+            "forward_images_per_pass": self.forward_images,
+        }
+
+
+def probe_memory(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(train, forward) activation bytes per image, from one forward of up to 2 images with a
+    trigger mask that needs a gradient, on the model's own device.
+
+    What autograd saves is counted by storage (views of one tensor count once), leaving out
+    the network's parameters and buffers; nothing is run backward.
+    """
     where = next(iter(model.parameters()), None)
     if where is None:
         where = next(iter(model.buffers()), None)
+    dev = where.device if where is not None else x.device
+    xb = x[:2].to(dev).clone()  # not a view: a saved view would count the whole data set's storage
+    n = max(1, len(xb))
+    fixed = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # e.g. a tensor subclass without storage
+            return t
+        if st.data_ptr() not in fixed:
+            saved[st.data_ptr()] = max(saved.get(st.data_ptr(), 0), int(st.nbytes()))
+        return t
+
+    biggest = [0]
+
+    def hook(_m: Any, _i: Any, out: Any) -> None:
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                biggest[0] = max(biggest[0], o.numel() * o.element_size())
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if len(list(m.children())) == 0]
+    mask = torch.full((1, 1, *xb.shape[2:]), 0.5, device=dev, requires_grad=True)
     try:
-        with torch.no_grad():
-            model(x1.to(where.device) if where is not None else x1)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(xb * (1 - mask) + mask * 0.5)
+        del out
     finally:
         for h in hs:
             h.remove()
-    return max(total[0] + x1.numel() * x1.element_size(), 1)
+    img = int(xb[:1].numel() * 4)
+    act = biggest[0] // n
+    train = sum(saved.values()) // n + img + 3 * act
+    fwd = img + 3 * act
+    return max(train, 1), max(fwd, 1)
+
+
+def _rss_mb() -> float | None:
+    """This process's resident memory now (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (getrusage; None where unavailable)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def memory_start(device: torch.device | str) -> dict[str, Any]:
+    """Call before a scan: the RSS at its start, and CUDA's peak counter reset on `device`
+    (torch.cuda.reset_peak_memory_stats) so that `memory_peak` reads the scan's own peak."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    return {"rss_at_start_mb": _rss_mb()}
+
+
+def memory_peak(device: torch.device | str, start: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory after a scan: `peak_rss_mb` is the PROCESS's peak resident memory so far
+    (it includes whatever the process did before the scan; `rss_at_start_mb` says how much it
+    held then), `cuda_max_allocated_mb` the peak of torch's CUDA allocator since
+    `memory_start` (None on CPU). Label chunks run by Ray workers are not included."""
+    dev = torch.device(device)
+    r = lambda v: None if v is None else round(float(v), 1)
+    return {
+        "peak_rss_mb": r(_peak_rss_mb()),
+        "rss_at_start_mb": r(start.get("rss_at_start_mb")),
+        "cuda_max_allocated_mb": r(torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else None,
+    }
 
 
 def _has_conv(model: torch.nn.Module) -> bool:
@@ -143,24 +245,63 @@ def memory_budget_mb(cfg: ReverseConfig, device: torch.device | str = "cpu") -> 
     return 1024.0
 
 
-def choose_chunk(
-    model: torch.nn.Module, x1: torch.Tensor, n_labels: int, cfg: ReverseConfig, device: torch.device | str = "cpu"
+def memory_plan(
+    model: torch.nn.Module, x: torch.Tensor, cfg: ReverseConfig, device: torch.device | str = "cpu"
+) -> MemoryPlan:
+    """Measure the model's activation memory per image (`probe_memory`) and size the passes
+    to the budget for `device`."""
+    train, fwd = probe_memory(model, x[:2])
+    budget = int(memory_budget_mb(cfg, device) * 2**20)
+    return MemoryPlan(
+        train_bytes_per_image=train,
+        forward_bytes_per_image=fwd,
+        budget_bytes=budget,
+        train_images=max(1, budget // train),
+        forward_images=max(1, budget // fwd),
+    )
+
+
+def forward_batch(
+    model: torch.nn.Module, x: torch.Tensor, device: torch.device | str = "cpu", cap: int = 512
 ) -> int:
-    """Labels per batch: as many as fit the activation-memory budget (x3 for backward)."""
+    """Images per forward-only pass (no gradients): what the activation budget for `device`
+    holds by `probe_memory`, at most `cap`. (At 224x224 a ResNet-50 forward of 512 images
+    peaked at 6.9 GB RSS on CPU.)"""
+    if len(x) == 0:
+        return cap
+    _train, fwd = probe_memory(model, x[:2])
+    return max(1, min(cap, int(memory_budget_mb(ReverseConfig(), device) * 2**20) // fwd))
+
+
+def choose_chunk(
+    model: torch.nn.Module,
+    x1: torch.Tensor,
+    n_labels: int,
+    cfg: ReverseConfig,
+    device: torch.device | str = "cpu",
+    plan: MemoryPlan | None = None,
+) -> int:
+    """Labels per batch: as many whole labels (`batch_size` images each) as one
+    forward+backward pass within the activation budget holds; at least one (a label that
+    alone is over the budget is split into several passes by `reverse_chunk`)."""
     if cfg.label_chunk is not None:
         return max(1, min(n_labels, cfg.label_chunk))
-    per_label = _bytes_per_image(model, x1) * 3 * cfg.batch_size
-    fit = int(memory_budget_mb(cfg, device) * 2**20 // per_label)
-    return max(1, min(n_labels, fit))
+    plan = plan or memory_plan(model, x1, cfg, device)
+    return max(1, min(n_labels, plan.train_images // cfg.batch_size))
 
 
 def plan_chunks(
-    model: torch.nn.Module, x: torch.Tensor, labels: list[int], cfg: ReverseConfig, device: torch.device | str = "cpu"
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    labels: list[int],
+    cfg: ReverseConfig,
+    device: torch.device | str = "cpu",
+    plan: MemoryPlan | None = None,
 ) -> list[list[int]]:
     """Split `labels` into the chunks that are optimised together (sized to the memory
     budget). A chunk is the unit of work: local scans run them one after another,
     distributed scans (`ncscan.distributed`) send each to a worker."""
-    chunk = choose_chunk(model, x[:1].cpu(), len(labels), cfg, device)
+    chunk = choose_chunk(model, x[:2], len(labels), cfg, device, plan)
     return [labels[i : i + chunk] for i in range(0, len(labels), chunk)]
 
 
@@ -214,26 +355,29 @@ def reverse_engineer(
             `reverse_chunk` returns for each chunk, in order. None: one after another, here.
 
     Returns:
-        (one trace per label in order, stats dict with "passes" and "chunk").
+        (one trace per label in order, stats dict with "passes", "chunk" (labels in the
+        first chunk) and "memory" (`MemoryPlan.to_dict()`)).
     """
-    chunks = plan_chunks(model, x, labels, cfg, device)
+    plan = memory_plan(model, x, cfg, device)
+    chunks = plan_chunks(model, x, labels, cfg, device, plan)
     traces: dict[int, LabelTrace] = {}
     passes = 0
+    info: dict[str, Any] = {"chunk": len(chunks[0]) if chunks else 0, "memory": plan.to_dict()}
     if runner is not None:
         seeds = [chunk_seed(seed, ci) for ci in range(len(chunks))]
         for tr, p in runner(chunks, seeds, cfg, progress=progress, should_stop=should_stop):
             passes += p
             traces.update({t.label: t for t in tr})
-        return [traces[t] for t in labels], {"passes": passes, "chunk": len(chunks[0]) if chunks else 0}
+        return [traces[t] for t in labels], {"passes": passes, **info}
     for ci, lab in enumerate(chunks):
         tr, p = reverse_chunk(
             model, x, y, lab, cfg, seed=chunk_seed(seed, ci), device=device, progress=progress,
             should_stop=should_stop, done_before=sum(len(c) for c in chunks[:ci]), passes_before=passes,
-            total=len(labels),
+            total=len(labels), plan=plan,
         )
         passes += p
         traces.update({t.label: t for t in tr})
-    return [traces[t] for t in labels], {"passes": passes, "chunk": len(chunks[0]) if chunks else 0}
+    return [traces[t] for t in labels], {"passes": passes, **info}
 
 
 @torch.no_grad()
@@ -265,29 +409,80 @@ def _verify(
     mid = (n + 1) // 2
     seen = 0
     for lo, hi in ((np.zeros_like(n), mid), (mid, n)):
-        todo = [int(k) for k in np.flatnonzero(alive & (hi > lo))]
+        # (candidate, first, end) pieces: a candidate's half larger than `max_images` (the
+        # memory plan's forward batch) is checked in several forwards.
+        todo = [
+            (int(k), a, min(a + max_images, int(hi[k])))
+            for k in np.flatnonzero(alive & (hi > lo))
+            for a in range(int(lo[k]), int(hi[k]), max(1, max_images))
+        ]
         while todo:
             group, size = [], 0
-            while todo and (not group or size + hi[todo[0]] - lo[todo[0]] <= max_images):
-                k = todo.pop(0)
-                group.append(k)
-                size += int(hi[k] - lo[k])
+            while todo and (not group or size + todo[0][2] - todo[0][1] <= max_images):
+                seg = todo.pop(0)
+                group.append(seg)
+                size += seg[2] - seg[1]
             xs, tg = [], []
-            for k in group:
+            for k, a, b in group:
                 r = int(rows[k])
                 m, p = from_raw(mraw[r : r + 1]), from_raw(praw[r : r + 1])
-                xs.append(x[images[k][lo[k] : hi[k]].to(x.device)] * (1 - m) + m * p)
-                tg.append(targets[r].expand(int(hi[k] - lo[k])))
+                xs.append(x[images[k][a:b].to(x.device)] * (1 - m) + m * p)
+                tg.append(targets[r].expand(b - a))
             ok = (model(torch.cat(xs).contiguous(memory_format=fmt)).argmax(1) == torch.cat(tg)).cpu().numpy()
             at = 0
-            for k in group:
-                c = int(hi[k] - lo[k])
-                hits[k] += int(ok[at : at + c].sum())
-                at += c
+            for k, a, b in group:
+                hits[k] += int(ok[at : at + b - a].sum())
+                at += b - a
             seen += at
         # Reject those that cannot reach `need` even if every remaining image is a hit.
         alive &= hits + (n - hi) >= need
     return alive & (hits >= need), seen // 3
+
+
+def _split_grads(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    bidx: torch.Tensor,
+    mraw: torch.Tensor,
+    praw: torch.Tensor,
+    ai: torch.Tensor,
+    targets: torch.Tensor,
+    cost: torch.Tensor,
+    per_pass: int,
+    fmt: torch.memory_format,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradient of one mini-batch's loss (sum over active labels of mean cross-entropy +
+    cost * mask L1) when its A x B images do not fit one pass: equal slices of at most
+    `per_pass` images, each a forward+backward of its share of the cross-entropy, the
+    gradients summed; the L1 term once. Returns (mask grad, pattern grad, per-label accuracy).
+    """
+    A, B = bidx.shape
+    n_all = A * B
+    size = -(-n_all // -(-n_all // max(1, per_pass)))  # equal slices, none over per_pass
+    gm = torch.zeros_like(mraw)
+    gp = torch.zeros_like(praw)
+    hits = torch.zeros(A, device=mraw.device)
+    flat = bidx.reshape(-1)
+    for s0 in range(0, n_all, size):
+        rows = torch.arange(s0, min(s0 + size, n_all), device=bidx.device)
+        li = rows // B  # position among the active labels
+        lab_rows = ai[li.to(ai.device)]
+        m = from_raw(mraw[lab_rows])  # [n,1,H,W]
+        p = from_raw(praw[lab_rows])
+        xs = x[flat[rows].to(x.device)] * (1 - m) + m * p
+        out = model(xs.contiguous(memory_format=fmt))
+        tgt = targets[lab_rows]
+        ce = F.cross_entropy(out, tgt, reduction="sum") / B
+        g_m, g_p = torch.autograd.grad(ce, (mraw, praw))
+        with torch.no_grad():
+            gm += g_m
+            gp += g_p
+            hits.index_add_(0, li.to(hits.device), (out.argmax(1) == tgt).float())
+        del out, xs, g_m, g_p
+    reg = from_raw(mraw[ai]).abs().sum(dim=(1, 2, 3))
+    (g_reg,) = torch.autograd.grad((cost * reg).sum(), (mraw,))
+    gm += g_reg
+    return gm, gp, hits / B
 
 
 def reverse_chunk(
@@ -304,8 +499,16 @@ def reverse_chunk(
     done_before: int = 0,
     passes_before: int = 0,
     total: int | None = None,
+    plan: MemoryPlan | None = None,
 ) -> tuple[list[LabelTrace], int]:
     """Optimise the labels of one chunk together. Deterministic given (seed, lab) on CPU.
+
+    A mini-batch (len(lab) x batch_size images) larger than `plan.train_images` is run as
+    several forward+backward passes whose gradients are summed (the same gradient, in
+    less memory); otherwise as one pass.
+
+    Args:
+        plan: the activation-memory plan (default: measured here on the model).
 
     Returns:
         (one trace per label of `lab`, image passes spent)
@@ -323,6 +526,8 @@ def reverse_chunk(
         fmt = torch.contiguous_format
     x = x.to(dev)
     n, c, h, w = x.shape
+    if plan is None:
+        plan = memory_plan(model, x, cfg, dev)
     total = len(lab) if total is None else total
     gen = torch.Generator(device="cpu").manual_seed(seed)
     passes = 0
@@ -368,19 +573,26 @@ def reverse_chunk(
             bidx = torch.stack(
                 [pools[lab[i]][torch.randint(len(pools[lab[i]]), (cfg.batch_size,), generator=gen)] for i in act_idx]
             ).to(dev)
-            xb = x[bidx]  # [A, B, C, H, W]
-            m = from_raw(mraw[ai])  # [A,1,H,W]
-            p = from_raw(praw[ai])  # [A,C,H,W]
-            xs = xb * (1 - m[:, None]) + m[:, None] * p[:, None]
-            out = model(xs.reshape(A * cfg.batch_size, c, h, w).contiguous(memory_format=fmt))
-            tgt = targets[ai].repeat_interleave(cfg.batch_size)
-            ce = F.cross_entropy(out, tgt, reduction="none").view(A, cfg.batch_size).mean(1)
-            reg = m.abs().sum(dim=(1, 2, 3))
-            loss = (ce + cost * reg).sum()
-            gm, gp = torch.autograd.grad(loss, (mraw, praw))
+            if A * cfg.batch_size <= plan.train_images:
+                xb = x[bidx]  # [A, B, C, H, W]
+                m = from_raw(mraw[ai])  # [A,1,H,W]
+                p = from_raw(praw[ai])  # [A,C,H,W]
+                xs = xb * (1 - m[:, None]) + m[:, None] * p[:, None]
+                out = model(xs.reshape(A * cfg.batch_size, c, h, w).contiguous(memory_format=fmt))
+                tgt = targets[ai].repeat_interleave(cfg.batch_size)
+                ce = F.cross_entropy(out, tgt, reduction="none").view(A, cfg.batch_size).mean(1)
+                reg = m.abs().sum(dim=(1, 2, 3))
+                loss = (ce + cost * reg).sum()
+                gm, gp = torch.autograd.grad(loss, (mraw, praw))
+                with torch.no_grad():
+                    acc_sum += (out.argmax(1) == tgt).float().view(A, cfg.batch_size).mean(1)
+            else:
+                gm, gp, acc = _split_grads(
+                    model, x, bidx, mraw, praw, ai, targets, cost, plan.train_images, fmt
+                )
+                acc_sum += acc
             passes += A * cfg.batch_size
             with torch.no_grad():
-                acc_sum += (out.argmax(1) == tgt).float().view(A, cfg.batch_size).mean(1)
                 tcount[ai] += 1
                 tt = tcount[ai]
                 bc1 = (1 - b1**tt)
@@ -407,7 +619,8 @@ def reverse_chunk(
             rows = np.flatnonzero(cand)
             ok, spent = _verify(
                 model, x, [verify[lab[i]] for i in rows], mraw, praw, rows, targets,
-                cfg.schedule.attack_succ_threshold, max_images=L * cfg.batch_size, fmt=fmt,
+                cfg.schedule.attack_succ_threshold, max_images=min(L * cfg.batch_size, plan.forward_images),
+                fmt=fmt,
             )
             verified = np.ones(L, dtype=bool)
             verified[rows] = ok
@@ -458,13 +671,16 @@ def attack_success(
     triggers: dict[int, Trigger],
     *,
     device: torch.device | str = "cpu",
-    batch: int = 512,
+    batch: int | None = None,
     max_images: int | None = None,
 ) -> dict[int, float]:
     """Fraction of clean images (not of the target class) sent to the target by each trigger
-    (on the first `max_images` of those images, when given)."""
+    (on the first `max_images` of those images, when given). `batch`: images per forward
+    (default: `forward_batch`, at most 512)."""
     dev = torch.device(device)
     out: dict[int, float] = {}
+    if batch is None:
+        batch = forward_batch(model, x, dev) if triggers else 512
     for t, trig in triggers.items():
         m = torch.from_numpy(trig.mask).to(dev)
         p = torch.from_numpy(trig.pattern).to(dev)
@@ -485,9 +701,13 @@ def attack_success(
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch: int = 512) -> torch.Tensor:
-    """argmax predictions for [0,1] images."""
+def predict(
+    model: torch.nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch: int | None = None
+) -> torch.Tensor:
+    """argmax predictions for [0,1] images (`batch` per forward; default `forward_batch`)."""
     dev = torch.device(device)
+    if batch is None:
+        batch = forward_batch(model, x, dev)
     preds = [model(x[i : i + batch].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch)]
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
