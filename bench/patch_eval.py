@@ -129,7 +129,7 @@ def _header() -> str:
         "at a time (force-written so every method can be measured), then onnxruntime on the fixture's held-out test.npz "
         "(2,000 images; cmnist: 500): clean accuracy, TRUE-trigger attack success, and for the filter its flag rate on clean "
         "images (FPR) and the share of truly triggered images it does not flag (FNR). \"guard\" is the patch's own verdict "
-        "on its 60-image hold-out (reversed triggers). Acceptance for unlearning (issue #4): true-trigger attack success "
+        "(5-fold cross-fitted on the scan folder, reversed triggers). Acceptance for unlearning (issue #4): true-trigger attack success "
         "<= 5% and a clean-accuracy drop <= 2 points on every fixture.\n\n"
     )
 

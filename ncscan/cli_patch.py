@@ -54,11 +54,14 @@ def render_patch(res: Any, console: Any) -> None:
     if not res.labels:
         console.print("nothing flagged and no --label given: the model needs no patch; nothing written")
         return
-    t = Table(title=f"ncscan patch ({'+'.join(res.methods)}) · labels {', '.join(map(str, res.labels))} · {res.n_holdout} held-out images")
+    t = Table(title=f"ncscan patch ({'+'.join(res.methods)}) · labels {', '.join(map(str, res.labels))} · {res.n_holdout} images, cross-fitted")
     t.add_column("measure")
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")
     t.add_row("clean accuracy", _pct(res.clean_accuracy_before), _pct(res.clean_accuracy_after))
+    if res.clean_accuracy_drop is not None and res.clean_accuracy_drop_interval is not None:
+        lo, hi = res.clean_accuracy_drop_interval
+        t.add_row("accuracy drop (points, 90% interval)", "", f"{res.clean_accuracy_drop:.1f} [{lo:.1f}, {hi:.1f}]")
     for lab in res.labels:
         after = _pct(res.attack_success_after.get(lab))
         if res.attack_success_after_filter is not None:
@@ -99,7 +102,8 @@ def patch_cmd(
     unlearn_rounds: Annotated[int, typer.Option("--unlearn-rounds", help="Unlearning rounds: after each, re-reverse the labels on the patched model and unlearn any working trigger still within 2x the original's L1 (1 = the paper's single round).", min=1)] = 1,
     fpr: Annotated[float, typer.Option("--fpr", help="Filter false-positive rate on new clean images (bounded with 90% confidence).")] = 0.05,
     layer: Annotated[Optional[str], typer.Option("--layer", help="ONNX node (or tensor) whose output pruning/filter use (default: the input of the last Gemm/MatMul).")] = None,
-    max_accuracy_drop: Annotated[float, typer.Option("--max-accuracy-drop", help="Guard: largest clean-accuracy drop allowed, in points.")] = 2.0,
+    max_accuracy_drop: Annotated[float, typer.Option("--max-accuracy-drop", help="Guard: largest clean-accuracy drop allowed, in points (the cross-fitted estimate).")] = 2.0,
+    guard_folds: Annotated[int, typer.Option("--guard-folds", help="The guard's k-fold cross-fitting: k patches, each measured on the fold it never saw, then the patch on all images.", min=2)] = 5,
     force: Annotated[bool, typer.Option("--force", help="Write even when the guard fails.")] = False,
     labels: LabelsOpt = None,
     pixel_range: Pixel = None,
@@ -153,6 +157,7 @@ def patch_cmd(
         fpr=fpr,
         layer=layer,
         max_accuracy_drop=max_accuracy_drop,
+        guard_folds=guard_folds,
         force=force,
         seed=seed,
         device=device.value,

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -33,11 +34,17 @@ from .mitigate.filter import (
     add_filter,
     add_original_branch,
     calibrate,
-    choose_neurons,
-    rates,
-    standardise,
+    fit_part,
 )
-from .mitigate.layers import Layer, activations, capture, find_layer, tensor_links, trainable_links
+from .mitigate.layers import (
+    Layer,
+    activations,
+    capture,
+    find_layer,
+    named_tensors,
+    tensor_links,
+    trainable_links,
+)
 from .mitigate.prune import prune as prune_neurons
 from .mitigate.unlearn import UnlearnConfig
 from .mitigate.unlearn import unlearn as unlearn_model
@@ -46,10 +53,16 @@ from .scanner import Prepared, ScanReport, decode_trigger, prepare, scan
 from .trigger import Trigger
 
 TARGET_ASR = 0.05
-HOLDOUT = 0.2
-# Images the mitigations keep after the hold-out split, at least. With the default 20%
-# hold-out this makes patch's minimum the data loader's (ncscan.data.MIN_IMAGES = 10), so
-# scan and patch refuse the same folders with the same message.
+# The guard's k-fold cross-fitting: k patches on k-1 folds each, then one on all images.
+# 5 folds: each check patch learns from 80% of the images, as the hold-out split it
+# replaced did (240 of 300), so it is judged on the same amount of data.
+GUARD_FOLDS = 5
+# The confidence of the reported interval on the accuracy drop (the decision itself is
+# the point estimate against --max-accuracy-drop: see guard()).
+GUARD_CONFIDENCE = 0.9
+# Images each cross-fitting patch learns from, at least. With the default 5 folds this
+# makes patch's minimum the data loader's (ncscan.data.MIN_IMAGES = 10), so scan and
+# patch refuse the same folders with the same message.
 MIN_TRAIN = 8
 # Unlearning rounds: a trigger re-reversed on the patched model counts as residual
 # backdoor when it is at most this many times the original reversed trigger's L1.
@@ -59,7 +72,13 @@ RESIDUAL_STEPS = 150
 
 @dataclass(frozen=True)
 class PatchResult:
-    """What `patch` did and measured (figures on the held-out images)."""
+    """What `patch` did and measured.
+
+    The before/after figures (accuracy, attack success, filter rates) are cross-fitted on
+    all `n_holdout` clean images: each image is judged by a patch made from the other
+    folds, never by one that learned from it. `n_train` is how many images the written
+    patch learned from (all of them).
+    """
 
     methods: list[str]
     labels: list[int]
@@ -104,6 +123,12 @@ class PatchResult:
         None  # "original" | "patched": the network the filter profiles
     )
 
+    guard_folds: int | None = None
+    clean_accuracy_drop: float | None = None  # points, cross-fitted (the guard's decision)
+    clean_accuracy_drop_interval: list[float] | None = None  # points, GUARD_CONFIDENCE two-sided
+    filter_fnr_by_label: dict[int, float] | None = None
+    filter_neurons_by_label: dict[int, list[int]] | None = None
+
     @property
     def inconclusive(self) -> bool:
         """Nothing was patched because the scan could not call the model clean or infected."""
@@ -115,7 +140,16 @@ class PatchResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("attack_success_before", "attack_success_after", "attack_success_after_filter"):
+        if d["filter_neurons_by_label"] is not None:
+            d["filter_neurons_by_label"] = {
+                str(a): b for a, b in d["filter_neurons_by_label"].items()
+            }
+        for k in (
+            "attack_success_before",
+            "attack_success_after",
+            "attack_success_after_filter",
+            "filter_fnr_by_label",
+        ):
             if d[k] is not None:
                 d[k] = {str(a): _r(b) for a, b in d[k].items()}
         for k in (
@@ -125,8 +159,11 @@ class PatchResult:
             "filter_fpr",
             "filter_fnr",
             "elapsed_seconds",
+            "clean_accuracy_drop",
         ):
             d[k] = _r(d[k])
+        if d["clean_accuracy_drop_interval"] is not None:
+            d["clean_accuracy_drop_interval"] = [_r(v) for v in d["clean_accuracy_drop_interval"]]
         d["timings"] = {k: _r(v) for k, v in self.timings.items()}
         accb, acca = self.clean_accuracy_before, self.clean_accuracy_after
         d["clean_accuracy_drop_points"] = (
@@ -199,11 +236,11 @@ def _stamp_all(
     return torch.cat(xs, 0), torch.cat(ts, 0)
 
 
-def min_images(holdout: float = HOLDOUT) -> int:
-    """The fewest clean images `patch` accepts: MIN_TRAIN left after holding out `holdout`
-    (the same rounding as the split)."""
+def min_images(folds: int = GUARD_FOLDS) -> int:
+    """The fewest clean images `patch` accepts: MIN_TRAIN in every cross-fitting patch
+    (n minus its largest fold, ceil(n / folds))."""
     n = MIN_TRAIN
-    while n - max(1, round(holdout * n)) < MIN_TRAIN:
+    while n - math.ceil(n / folds) < MIN_TRAIN:
         n += 1
     return n
 
@@ -237,6 +274,10 @@ def _residual_limit(l1: float) -> float:
 #
 # patch() runs these in order; each takes the PatchContext (and what earlier stages
 # returned) and can be called alone, e.g. from a test with a prepared fixture.
+#
+#   check_options -> prepare_context -> source_triggers -> labelled_images ->
+#   cross_check (apply_plan on k-1 folds, measure on the k-th, k times) ->
+#   apply_plan on all images -> guard -> export_stage
 
 
 @dataclass
@@ -276,32 +317,96 @@ class PatchContext:
         """The labels being patched, sorted."""
         return sorted(self.triggers)
 
+    def quiet(self) -> PatchContext:
+        """The same model and triggers with their own warnings, timings and no log: for
+        the cross-fitting folds, whose messages would repeat the final run's."""
+        return replace(self, say=lambda s: None, warnings=[], timings={})
+
 
 @dataclass(frozen=True)
-class Split:
-    """The clean images: the part the mitigations learn from and the part held out to
-    measure them (labels are the original model's predictions when the data has none)."""
+class Plan:
+    """The mitigations one patch applies, with their settings."""
 
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_hold: torch.Tensor
-    y_hold: torch.Tensor
-    labels_from_predictions: bool = False
+    unlearn: UnlearnConfig | None
+    unlearn_rounds: int
+    rcfg: Any  # the reverse-engineering preset for unlearning rounds
+    prune: bool
+    filter: bool
+    max_accuracy_drop: float
+    fpr: float
+    top_fraction: float
+    min_neurons: int
 
     @property
-    def n_hold(self) -> int:
-        return len(self.x_hold)
+    def changes_network(self) -> bool:
+        return self.unlearn is not None or self.prune
+
+
+@dataclass
+class Applied:
+    """What `apply_plan` did on one set of images."""
+
+    unlearn: dict[str, Any] | None = None
+    pruned: dict[str, Any] = field(default_factory=dict)
+    profile: FilterProfile | None = None
 
 
 @dataclass(frozen=True)
-class FilterOutcome:
-    """The calibrated filter and its rates on the held-out images."""
+class Outcomes:
+    """Per-image results of one network (and filter) on clean images [n].
 
-    profile: FilterProfile
-    fpr: float
-    fnr: float
-    attack_success_unflagged: dict[int, float]
-    calibrated_on: str  # "original" | "patched"
+    `hits[t]` and `flagged_trig[t]` are over all n images; only those whose label is not
+    `t` count (the image stamped with t's reversed trigger went to t / was flagged).
+    """
+
+    correct: np.ndarray
+    hits: dict[int, np.ndarray]
+    flagged_clean: np.ndarray | None = None
+    flagged_trig: dict[int, np.ndarray] | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    """Before/after on every clean image, each judged by a patch that never learned from
+    it (k-fold cross-fitting): `before` is the original network, `after` the fold's patch."""
+
+    y: np.ndarray
+    before: Outcomes
+    after: Outcomes
+    folds: int
+
+    @property
+    def n(self) -> int:
+        return len(self.y)
+
+    def accuracy(self, o: Outcomes) -> float:
+        return float(o.correct.mean()) if self.n else float("nan")
+
+    def attack_success(self, o: Outcomes, *, unflagged: bool = False) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for t, h in o.hits.items():
+            keep = self.y != t
+            if unflagged and o.flagged_trig is not None:
+                h = h & ~o.flagged_trig[t]
+            out[t] = float(h[keep].mean()) if keep.any() else float("nan")
+        return out
+
+    def filter_rates(self) -> tuple[float, float, dict[int, float]]:
+        """(FPR on clean images, FNR pooled over labels, FNR per label) of the filter."""
+        o = self.after
+        assert o.flagged_clean is not None and o.flagged_trig is not None
+        missed = {t: ~f[self.y != t] for t, f in o.flagged_trig.items()}
+        pooled = np.concatenate(list(missed.values())) if missed else np.zeros(0, bool)
+        fnr = float(pooled.mean()) if len(pooled) else float("nan")
+        return (
+            float(o.flagged_clean.mean()),
+            fnr,
+            {t: float(m.mean()) if len(m) else float("nan") for t, m in missed.items()},
+        )
+
+    def drop(self, confidence: float = GUARD_CONFIDENCE) -> tuple[float, float, float]:
+        """The clean-accuracy drop in points and its interval (see `paired_drop`)."""
+        return paired_drop(self.before.correct, self.after.correct, confidence)
 
 
 @dataclass(frozen=True)
@@ -316,6 +421,51 @@ class ExportOutcome:
     parity_filter_max_rel: float | None
 
 
+def paired_drop(
+    correct_before: np.ndarray, correct_after: np.ndarray, confidence: float = GUARD_CONFIDENCE
+) -> tuple[float, float, float]:
+    """The accuracy drop (before - after) in points on the same images, with a two-sided
+    `confidence` interval.
+
+    Only the images whose outcome changed carry information: with b lost and c gained of
+    n, the drop is (b - c) / n. The interval is Agresti and Min's adjusted Wald interval
+    for paired proportions (half an image added to each cell of the 2x2 table), which
+    stays honest when few images changed (b = c = 0 gives a nonzero width).
+
+    Returns:
+        (drop, low, high), in accuracy points.
+    """
+    cb = np.asarray(correct_before, dtype=bool)
+    ca = np.asarray(correct_after, dtype=bool)
+    n = len(cb)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    b = int((cb & ~ca).sum())
+    c = int((~cb & ca).sum())
+    b2, c2, n2 = b + 0.5, c + 0.5, n + 2.0
+    d = (b2 - c2) / n2
+    var = max(0.0, (b2 + c2) - (b2 - c2) ** 2 / n2) / (n2 * n2)
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    half = z * math.sqrt(var)
+    return 100.0 * (b - c) / n, 100.0 * (d - half), 100.0 * (d + half)
+
+
+def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
+    """The cross-fitting fold of each of n images (seeded, sizes differing by at most 1)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    ids = np.empty(n, dtype=np.int64)
+    ids[perm] = np.arange(n) % folds
+    return ids
+
+
+def restore(net: torch.nn.Module, original: dict[str, torch.Tensor]) -> None:
+    """Put the original weights back (a `snapshot` of the network)."""
+    with torch.no_grad():
+        for k, v in named_tensors(net).items():
+            if k in original:
+                v.copy_(original[k])
+
+
 def check_options(
     *,
     methods: list[str],
@@ -324,7 +474,7 @@ def check_options(
     adversarial_steps: int,
     lr: float,
     fpr: float,
-    holdout: float,
+    guard_folds: int,
     max_accuracy_drop: float,
     max_steps: int | None,
 ) -> None:
@@ -345,8 +495,8 @@ def check_options(
         raise ConfigError(f"--lr must be positive, got {lr}")
     if not (0 < fpr < 1):
         raise ConfigError(f"--fpr must be between 0 and 1, got {fpr}")
-    if not (0 < holdout < 1):
-        raise ConfigError(f"holdout must be between 0 and 1, got {holdout}")
+    if guard_folds < 2:
+        raise ConfigError(f"guard_folds must be at least 2, got {guard_folds}")
     if not (max_accuracy_drop >= 0):
         raise ConfigError(f"--max-accuracy-drop must be >= 0 points, got {max_accuracy_drop}")
     if max_steps is not None and max_steps < 1:
@@ -359,7 +509,7 @@ def prepare_context(
     *,
     seed: int,
     device: str,
-    holdout: float,
+    folds: int,
     pre_kw: dict[str, Any],
     say: Callable[[str], None],
 ) -> PatchContext:
@@ -368,7 +518,7 @@ def prepare_context(
     Raises:
         DataError: the data does not suit the model (no --force here: patching a model on
             data it does not understand would "repair" it against noise).
-        ConfigError: too few images for the split.
+        ConfigError: too few images for the folds.
         ModelError: the model keeps its weights outside the file (> 2 GB).
     """
     t0 = time.perf_counter()
@@ -378,10 +528,10 @@ def prepare_context(
         raise DataError(
             str(e).split("; or pass --force")[0] + "; patch needs data the model classifies"
         ) from e
-    if len(prep.x) < min_images(holdout):  # before any optimisation: the split needs them
+    if len(prep.x) < min_images(folds):  # before any optimisation: the split needs them
         raise ConfigError(
-            f"only {len(prep.x)} clean images: patch needs at least {min_images(holdout)} ({MIN_TRAIN} to patch with "
-            f"after holding out {holdout:.0%}); give more clean images (a few hundred for reliable figures)"
+            f"only {len(prep.x)} clean images: patch needs at least {min_images(folds)} ({MIN_TRAIN} to patch with "
+            f"in each of {folds} cross-fitting folds); give more clean images (a few hundred for reliable figures)"
         )
     om = prep.onnx
     if om.weights_on_disk:
@@ -478,51 +628,34 @@ def source_triggers(
             )
 
 
-def split_images(ctx: PatchContext, holdout: float) -> Split:
-    """Stage 3: the seeded split of the clean images into patching and held-out parts.
+def labelled_images(ctx: PatchContext) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Stage 3: the clean images and their labels (the original model's predictions when
+    the data has none: accuracies are then agreement with the original model).
 
-    Raises:
-        ConfigError: fewer than MIN_TRAIN images would be left to patch with.
+    Returns:
+        (x, y, labels_from_predictions).
     """
     x, y = ctx.prep.x, ctx.prep.y
-    from_pred = False
-    if y is None:
-        y = predict(ctx.pm, x, device=ctx.dev)
-        from_pred = True
-        ctx.warnings.append(
-            "the data has no labels (flat folder / npz without y): using the original model's "
-            "predictions as labels, so accuracies are agreement with the original model"
-        )
-    n = len(x)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))
-    n_hold = max(1, round(holdout * n))
-    if n - n_hold < MIN_TRAIN:
-        raise ConfigError(
-            f"only {n} clean images: patch needs at least {min_images(holdout)} ({MIN_TRAIN} to patch with after "
-            f"holding out {holdout:.0%}); give more clean images (a few hundred for reliable figures)"
-        )
-    hold, train = perm[:n_hold].sort().values, perm[n_hold:].sort().values
-    if n_hold < 100:
-        ctx.warnings.append(f"only {n_hold} held-out images: the before/after figures are coarse")
-    return Split(
-        x_train=x[train],
-        y_train=y[train],
-        x_hold=x[hold],
-        y_hold=y[hold],
-        labels_from_predictions=from_pred,
+    if y is not None:
+        return x, y, False
+    ctx.warnings.append(
+        "the data has no labels (flat folder / npz without y): using the original model's "
+        "predictions as labels, so accuracies are agreement with the original model"
     )
+    return x, predict(ctx.pm, x, device=ctx.dev), True
 
 
 def unlearn_stage(
     ctx: PatchContext,
-    split: Split,
+    x: torch.Tensor,
+    y: torch.Tensor,
     links: dict[str, Any],
     cfg: UnlearnConfig,
     *,
     rounds: int,
     rcfg: Any,
 ) -> dict[str, Any]:
-    """Stage 4a: unlearn the triggers (in place); with `rounds` > 1, re-reverse the labels
+    """Stage 4a: unlearn the triggers (in place) with the clean images x, y; with `rounds` > 1, re-reverse the labels
     on the patched model and unlearn what is still small (see _residual_limit).
 
     Returns:
@@ -547,7 +680,7 @@ def unlearn_stage(
         )
     )
     chosen = ctx.labels
-    xt, yt = split.x_train, split.y_train
+    xt, yt = x, y
     unlearn_set = [ctx.triggers[t] for t in chosen]
     unlearn_targets = list(chosen)
     stats = unlearn_model(
@@ -606,17 +739,23 @@ def unlearn_stage(
 
 
 def prune_stage(
-    ctx: PatchContext, split: Split, lay: Layer, links: dict[str, Any], *, max_accuracy_drop: float
+    ctx: PatchContext,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lay: Layer,
+    links: dict[str, Any],
+    *,
+    max_accuracy_drop: float,
 ) -> dict[str, Any]:
     """Stage 4b: prune the layer's neurons the triggers excite (in place), judged on the
-    patching images.
+    clean images x, y.
 
     Returns:
         pruned_count, pruned_total, pruned_fraction, prune_success, prune_stopped_by.
     """
     t3 = time.perf_counter()
     pm, net, dev, trigs = ctx.pm, ctx.net, ctx.dev, ctx.triggers
-    xt, yt = split.x_train, split.y_train
+    xt, yt = x, y
     acc_t0 = _accuracy(pm, xt, yt, dev)
     gap = activations(pm, net, lay, _stamp_all(xt, yt, trigs)[0]).mean(0) - activations(
         pm, net, lay, xt
@@ -652,109 +791,238 @@ def prune_stage(
     }
 
 
-def filter_stage(
+def calibrate_filter(
     ctx: PatchContext,
-    split: Split,
+    x: torch.Tensor,
+    y: torch.Tensor,
     lay: Layer,
     fpm: Any,
     *,
     fpr: float,
     top_fraction: float,
     min_neurons: int,
-    calibrated_on: str,
-) -> FilterOutcome:
-    """Stage 5: rank the neurons of `lay` on the network `fpm` (the original when
-    unlearning/pruning changed `ctx.pm`) and calibrate the threshold on the patching
-    images; rates come from the held-out images, which the filter never saw."""
+) -> FilterProfile:
+    """Stage 4c: for each target, rank the neurons of `lay` on the network `fpm` (the
+    original when unlearning/pruning change `ctx.pm`) by how much more its reversed trigger
+    excites them and fit its part (`fit_part`: neuron count by measured separation); then
+    set one threshold on the parts' maximum on these clean images (see `calibrate`), so the
+    false-positive bound holds for "any target's profile fires"."""
     t4 = time.perf_counter()
-    fnet, trigs, dev = fpm.net, ctx.triggers, ctx.dev
-    xt, yt, xh, yh = split.x_train, split.y_train, split.x_hold, split.y_hold
-    a_clean = activations(fpm, fnet, lay, xt)
-    gap_std, mu, sd = standardise(
-        a_clean, activations(fpm, fnet, lay, _stamp_all(xt, yt, trigs)[0])
-    )
-    neurons = choose_neurons(gap_std, top_fraction, min_neurons)
-    center, scale = [float(mu[j]) for j in neurons], [float(sd[j]) for j in neurons]
-    xs_h, ts_h = _stamp_all(xh, yh, trigs)
-    prof0 = FilterProfile(neurons=neurons, threshold=0.0, rank_dims=2, center=center, scale=scale)
-    thr, guaranteed = calibrate(prof0.score(a_clean).numpy(), fpr)
+    fnet = fpm.net
+    a_clean = activations(fpm, fnet, lay, x)
+    parts = []
+    for t, trig in sorted(ctx.triggers.items()):
+        xs = torch.from_numpy(trig.apply(x[y != t].numpy())).float()
+        parts.append(
+            fit_part(
+                a_clean,
+                activations(fpm, fnet, lay, xs),
+                t,
+                fpr=fpr,
+                top_fraction=top_fraction,
+                min_neurons=min_neurons,
+            )
+        )
+    scores = FilterProfile(parts=parts, threshold=0.0, rank_dims=2).score(a_clean).numpy()
+    thr, guaranteed = calibrate(scores, fpr)
     if not guaranteed:
         ctx.warnings.append(
-            f"only {len(xt)} images to calibrate the filter: too few to bound its false-positive "
+            f"only {len(x)} images to calibrate the filter: too few to bound its false-positive "
             f"rate at {fpr:.0%} with 90% confidence; the threshold is the largest clean score "
             "(give more clean images)"
         )
-    s_clean = prof0.score(activations(fpm, fnet, lay, xh)).numpy()
-    s_trig = prof0.score(activations(fpm, fnet, lay, xs_h)).numpy()
-    f_fpr, f_fnr = rates(s_clean, s_trig, thr)
     with torch.no_grad(), capture(fnet, lay) as st:
-        fpm(xh[:1].to(dev))
+        fpm(x[:1].to(ctx.dev))
         rank = st[0].dim()
-    profile = FilterProfile(
-        neurons=neurons, threshold=thr, rank_dims=rank, center=center, scale=scale
-    )
-    pred = predict(ctx.pm, xs_h, device=dev)
-    flagged = torch.from_numpy(s_trig > thr)
-    unflagged: dict[int, float] = {}
-    for t in ctx.labels:
-        sel = ts_h == t
-        unflagged[t] = (
-            float(((pred[sel] == t) & ~flagged[sel]).float().mean()) if sel.any() else float("nan")
+    ctx.timings["filter"] = ctx.timings.get("filter", 0.0) + time.perf_counter() - t4
+    return FilterProfile(parts=parts, threshold=thr, rank_dims=rank)
+
+
+def apply_plan(
+    ctx: PatchContext,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    plan: Plan,
+    *,
+    links: dict[str, Any],
+    lay: Layer | None,
+    fpm: Any,
+) -> Applied:
+    """Stage 4: unlearning, pruning (both change `ctx.pm` in place) and the filter's
+    calibration, learned from the clean images x, y only."""
+    done = Applied()
+    if plan.unlearn is not None:
+        done.unlearn = unlearn_stage(
+            ctx, x, y, links, plan.unlearn, rounds=plan.unlearn_rounds, rcfg=plan.rcfg
         )
-    ctx.timings["filter"] = time.perf_counter() - t4
-    return FilterOutcome(
-        profile=profile,
-        fpr=f_fpr,
-        fnr=f_fnr,
-        attack_success_unflagged=unflagged,
-        calibrated_on=calibrated_on,
+    if plan.prune:
+        assert lay is not None
+        done.pruned = prune_stage(ctx, x, y, lay, links, max_accuracy_drop=plan.max_accuracy_drop)
+    if plan.filter:
+        assert lay is not None
+        done.profile = calibrate_filter(
+            ctx,
+            x,
+            y,
+            lay,
+            fpm,
+            fpr=plan.fpr,
+            top_fraction=plan.top_fraction,
+            min_neurons=plan.min_neurons,
+        )
+    return done
+
+
+@torch.no_grad()
+def measure(
+    ctx: PatchContext,
+    pm: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lay: Layer | None = None,
+    fpm: Any = None,
+    profile: FilterProfile | None = None,
+) -> Outcomes:
+    """Per-image outcomes of `pm` (and of the filter `profile` on `fpm`'s layer `lay`) on
+    clean images and on the same images stamped with each reversed trigger."""
+    dev = ctx.dev
+    n = len(x)
+
+    def flags(xs: torch.Tensor) -> np.ndarray:
+        assert profile is not None and lay is not None
+        return profile.score(activations(fpm, fpm.net, lay, xs)).numpy() > profile.threshold
+
+    correct = (predict(pm, x, device=dev) == y).numpy()
+    hits: dict[int, np.ndarray] = {}
+    f_trig: dict[int, np.ndarray] = {}
+    for t, trig in ctx.triggers.items():
+        keep = (y != t).numpy()
+        h = np.zeros(n, dtype=bool)
+        f = np.zeros(n, dtype=bool)
+        if keep.any():
+            xs = torch.from_numpy(trig.apply(x[keep].numpy())).float()
+            h[keep] = (predict(pm, xs, device=dev) == t).numpy()
+            if profile is not None:
+                f[keep] = flags(xs)
+        hits[t], f_trig[t] = h, f
+    if profile is None:
+        return Outcomes(correct=correct, hits=hits)
+    return Outcomes(correct=correct, hits=hits, flagged_clean=flags(x), flagged_trig=f_trig)
+
+
+def _merge(parts: list[tuple[np.ndarray, Outcomes]], n: int) -> Outcomes:
+    """Outcomes of disjoint image subsets (index arrays) put back in image order."""
+    first = parts[0][1]
+    correct = np.zeros(n, dtype=bool)
+    hits = {t: np.zeros(n, dtype=bool) for t in first.hits}
+    has_f = first.flagged_clean is not None
+    fc = np.zeros(n, dtype=bool)
+    ft = {t: np.zeros(n, dtype=bool) for t in first.hits}
+    for idx, o in parts:
+        correct[idx] = o.correct
+        for t, h in hits.items():
+            h[idx] = o.hits[t]
+            if has_f:
+                assert o.flagged_trig is not None
+                ft[t][idx] = o.flagged_trig[t]
+        if has_f:
+            fc[idx] = o.flagged_clean
+    return Outcomes(
+        correct=correct,
+        hits=hits,
+        flagged_clean=fc if has_f else None,
+        flagged_trig=ft if has_f else None,
     )
+
+
+def cross_check(
+    ctx: PatchContext,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    plan: Plan,
+    *,
+    folds: int,
+    links: dict[str, Any],
+    original: dict[str, torch.Tensor],
+    lay: Layer | None,
+    fpm: Any,
+) -> Check:
+    """Stage 5: how the patch does on images it never learned from, measured on ALL the
+    clean images: for each of `folds` folds, apply the plan to the other folds' images
+    (from the original weights) and measure on this fold. The network is left with its
+    original weights.
+
+    Cross-fitting judges the procedure that the final patch (on all images) follows, with
+    every image as evidence instead of a 20% hold-out (60 of 300 images, where one image
+    was 1.7 points).
+    """
+    t0 = time.perf_counter()
+    n = len(x)
+    ids = fold_ids(n, folds, ctx.seed)
+    before = measure(ctx, ctx.pm, x, y)
+    parts: list[tuple[np.ndarray, Outcomes]] = []
+    for f in range(folds):
+        restore(ctx.net, original)
+        test = np.flatnonzero(ids == f)
+        train = np.flatnonzero(ids != f)
+        if plan.changes_network:
+            ctx.say(
+                f"checking on fold {f + 1}/{folds}: patching with the other {len(train)} images"
+            )
+        qctx = ctx.quiet()
+        done = apply_plan(qctx, x[train], y[train], plan, links=links, lay=lay, fpm=fpm)
+        parts.append(
+            (test, measure(ctx, ctx.pm, x[test], y[test], lay=lay, fpm=fpm, profile=done.profile))
+        )
+    restore(ctx.net, original)
+    ctx.timings["check"] = time.perf_counter() - t0
+    return Check(y=y.numpy(), before=before, after=_merge(parts, n), folds=folds)
 
 
 def guard(
-    *,
-    accuracy_before: float,
-    accuracy_after: float,
-    n_hold: int,
-    attack_success: Mapping[int, float],
-    max_accuracy_drop: float,
+    check: Check, *, max_accuracy_drop: float, confidence: float = GUARD_CONFIDENCE
 ) -> list[str]:
     """Stage 6: why the patched model should not be written (empty: it passes).
 
-    Args:
-        accuracy_before, accuracy_after: clean accuracy on the held-out images (fractions).
-        n_hold: how many held-out images.
-        attack_success: the reversed triggers' attack success that remains (unflagged,
-            with a filter), per label.
-        max_accuracy_drop: in points.
+    The accuracy decision is the cross-fitted drop's point estimate against
+    `max_accuracy_drop` (measured on the tuning split: bench/patch_results.md); the
+    interval is reported with it. The attack-success decision is the reversed triggers'
+    cross-fitted success (unflagged, with a filter) against TARGET_ASR.
     """
     reasons: list[str] = []
-    drop = (accuracy_before - accuracy_after) * 100.0
+    drop, lo, hi = check.drop(confidence)
     if drop > max_accuracy_drop:
         reasons.append(
-            f"clean accuracy dropped {drop:.1f} points (> --max-accuracy-drop {max_accuracy_drop:g}) on {n_hold} "
-            f"held-out images, where one image is {100.0 / n_hold:.1f} points: give more images for a finer "
-            "check, or --force to write it anyway"
+            f"clean accuracy dropped {drop:.1f} points ({confidence:.0%} interval {lo:.1f} to {hi:.1f}; "
+            f"> --max-accuracy-drop {max_accuracy_drop:g}) on {check.n} images, each judged by a patch "
+            f"made without it ({check.folds}-fold cross-fitting): give more images for a finer check, "
+            "or --force to write it anyway"
         )
-    worst = max((v for v in attack_success.values() if math.isfinite(v)), default=0.0)
+    filtered = check.after.flagged_trig is not None
+    remaining = check.attack_success(check.after, unflagged=filtered)
+    worst = max((v for v in remaining.values() if math.isfinite(v)), default=0.0)
     if worst > TARGET_ASR:
+        what = "unflagged " if filtered else ""
         reasons.append(
-            f"the reversed trigger still succeeds on {worst:.1%} of held-out images (> {TARGET_ASR:.0%})"
+            f"the reversed trigger still succeeds {what}on {worst:.1%} of the images (> {TARGET_ASR:.0%}, "
+            "each judged by a patch made without it)"
         )
     return reasons
 
 
 def export_stage(
     ctx: PatchContext,
-    split: Split,
+    x_check: torch.Tensor,
     *,
     links: dict[str, Any],
     before: Any,
     methods: list[str],
     figures: dict[str, Any],
     lay: Layer | None,
-    filt: FilterOutcome | None,
+    profile: FilterProfile | None,
     fpm: Any,
+    filter_on_original: bool,
     out_path: Path | None,
 ) -> ExportOutcome:
     """Stage 7: write the changed weights back into the ORIGINAL graph (or re-export),
@@ -777,7 +1045,7 @@ def export_stage(
     )
 
     t5 = time.perf_counter()
-    om, net, pm, dev, xh = ctx.om, ctx.net, ctx.pm, ctx.dev, split.x_hold
+    om, net, pm, dev, xh = ctx.om, ctx.net, ctx.pm, ctx.dev, x_check
     mode = "initializers"
     try:
         proto, changed = write_back(om, net, links, before)
@@ -788,14 +1056,14 @@ def export_stage(
         mode = "reexport"
         proto = reexport(net, om, pm.to_model_input(xh[:2].to(dev)).cpu())
         changed = []
-    if filt is not None:
+    if profile is not None:
         assert lay is not None
         if mode == "reexport":
             raise ModelError(
                 "the filter needs the original graph's activation tensor, but the model had to be re-exported; patch with --filter alone"
             )
         act = lay.value
-        if filt.calibrated_on == "original":
+        if filter_on_original:
             try:
                 proto, act = add_original_branch(proto, om.proto, lay.value)
             except ValueError as e:
@@ -803,7 +1071,7 @@ def export_stage(
                     f"cannot copy the original network's path to {lay.value} into the filter ({e}); "
                     "patch with --filter alone, then --unlearn/--prune separately"
                 ) from None
-        proto = add_filter(proto, act, filt.profile)
+        proto = add_filter(proto, act, profile)
     set_metadata(proto, provenance("+".join(methods), om, ctx.labels, figures, ctx.prep.preprocess))
     proto = finalize(proto)
     model_bytes, data_bytes = serialize(proto, out_path or Path(om.path.name + ".patched.onnx"))
@@ -816,10 +1084,10 @@ def export_stage(
         "the patched model written to ONNX",
     )
     par_filter = None
-    if filt is not None:
+    if profile is not None:
         assert lay is not None
         got_s, got_f = run_outputs(sess, om, xh_model, [SCORE, FLAG])
-        ref_s = filt.profile.score(activations(fpm, fpm.net, lay, xh)).numpy()
+        ref_s = profile.score(activations(fpm, fpm.net, lay, xh)).numpy()
         scale = max(1.0, float(np.max(np.abs(ref_s))))
         par_filter = float(np.max(np.abs(got_s.astype(np.float32) - ref_s))) / scale
         if par_filter > 1e-4:
@@ -828,7 +1096,7 @@ def export_stage(
                 "its neurons are nearly silent on clean images, where onnxruntime's and torch's rounding "
                 "is amplified; profile another layer with --layer NODE, or use --unlearn"
             )
-        if not np.array_equal(got_f.astype(bool), got_s > np.float32(filt.profile.threshold)):
+        if not np.array_equal(got_f.astype(bool), got_s > np.float32(profile.threshold)):
             raise ConversionMismatchError("the exported filter's flag disagrees with its score")
     ctx.timings["export"] = time.perf_counter() - t5
     return ExportOutcome(
@@ -867,7 +1135,8 @@ def patch(
     min_neurons: int = 8,
     layer: str | None = None,
     max_accuracy_drop: float = 2.0,
-    holdout: float = HOLDOUT,
+    guard_folds: int = GUARD_FOLDS,
+    unlearn_config: UnlearnConfig | None = None,
     force: bool = False,
     seed: int = 0,
     device: str = "auto",
@@ -908,9 +1177,14 @@ def patch(
         layer: ONNX node (or output tensor) whose output pruning/filter use
             (default: the input of the last Gemm/MatMul).
         max_accuracy_drop: guard, in accuracy points.
-        holdout: fraction of the images held out to measure before/after.
+        unlearn_config: every unlearning setting at once (overrides epochs, lr,
+            batch_size, min_steps, poison_fraction, distill and adversarial_steps).
+        guard_folds: the before/after figures and the guard are measured by k-fold
+            cross-fitting on all the clean images (each fold judged by the same patch
+            made from the other folds); the written model is then patched with all of
+            them. k + 1 patches in all.
         force: write even when the guard fails.
-        seed: seeds the split, the training and the scan.
+        seed: seeds the folds, the training and the scan.
         device: "auto", "cpu" or "cuda".
         schedule, max_steps: the optimiser preset and its per-label step cap for the triggers
             reversed here (own scan, forced labels, unlearning rounds).
@@ -918,7 +1192,7 @@ def patch(
         log: called with progress messages.
 
     Returns:
-        The PatchResult (`written` says whether the file was written; `inconclusive` when
+        The PatchResult (figures cross-fitted on all the clean images; `written` says whether the file was written; `inconclusive` when
         nothing was patched because the scan could not call the model clean).
 
     Raises:
@@ -935,13 +1209,11 @@ def patch(
         adversarial_steps=adversarial_steps,
         lr=lr,
         fpr=fpr,
-        holdout=holdout,
+        guard_folds=guard_folds,
         max_accuracy_drop=max_accuracy_drop,
         max_steps=max_steps,
     )
-    rcfg = preset(schedule)
-    if max_steps is not None:
-        rcfg = replace(rcfg, max_steps=max_steps)
+    rcfg = preset(schedule) if max_steps is None else replace(preset(schedule), max_steps=max_steps)
     out_path: Path | None = None
     if output is not None:
         ins: list[Any] = [model] + ([data] if isinstance(data, (str, os.PathLike)) else [])
@@ -956,57 +1228,18 @@ def patch(
         "max_images": max_images,
     }
     ctx = prepare_context(
-        model, data, seed=seed, device=device, holdout=holdout, pre_kw=pre_kw, say=say
+        model, data, seed=seed, device=device, folds=guard_folds, pre_kw=pre_kw, say=say
     )
     ctx.timings["prepare"] = time.perf_counter() - t0
     source_triggers(
         ctx, model, report=report, labels=labels, rcfg=rcfg, device=device, pre_kw=pre_kw
     )
-    om = ctx.om
     if not ctx.labels:
-        return PatchResult(
-            methods=methods,
-            labels=[],
-            model=str(om.path),
-            model_sha256=om.sha256,
-            output=str(out_path) if out_path else None,
-            written=False,
-            guard_passed=True,
-            guard_reasons=[],
-            n_train=0,
-            n_holdout=0,
-            clean_accuracy_before=ctx.prep.clean_accuracy,
-            clean_accuracy_after=None,
-            attack_success_before={},
-            attack_success_after={},
-            trigger_source=ctx.trigger_source,
-            elapsed_seconds=time.perf_counter() - t0,
-            timings=ctx.timings,
-            warnings=ctx.warnings,
-            scan_verdict=ctx.scan_verdict,
-            scan_reasons=ctx.scan_reasons,
-        )
-    split = split_images(ctx, holdout)
-    pm, dev = ctx.pm, ctx.dev
-    xh, yh = split.x_hold, split.y_hold
-    acc_before = _accuracy(pm, xh, yh, dev)
-    asr_before = attack_success(pm, xh, yh, ctx.triggers, device=dev)
-    say(
-        f"held out {split.n_hold} of {len(ctx.prep.x)} images; clean accuracy {acc_before:.1%}, attack success "
-        + ", ".join(f"{t}: {a:.0%}" for t, a in asr_before.items())
-    )
-
-    from .export import snapshot
-
-    before = snapshot(ctx.net)
-    # The filter profiles the ORIGINAL network whenever unlearning or pruning changes it:
-    # after unlearning the reversed trigger no longer moves the patched network's neurons
-    # (measured: 55.8% of triggered images missed when calibrated on the unlearned model).
-    orig_pm = copy.deepcopy(pm).eval() if filter and (unlearn or prune) else None
-    links = tensor_links(ctx.net, om.proto)
-    unlearned = None
-    if unlearn:
-        cfg = UnlearnConfig(
+        return _nothing_to_patch(ctx, methods, out_path, t0)
+    x, y, from_pred = labelled_images(ctx)
+    unlearn_cfg = unlearn_config if unlearn else None
+    if unlearn and unlearn_cfg is None:
+        unlearn_cfg = UnlearnConfig(
             epochs=epochs,
             lr=lr,
             batch_size=batch_size,
@@ -1015,75 +1248,151 @@ def patch(
             distill=distill,
             adv_steps=adversarial_steps,
         )
-        unlearned = unlearn_stage(ctx, split, links, cfg, rounds=unlearn_rounds, rcfg=rcfg)
-    lay = find_layer(om.proto, ctx.net, layer) if prune or filter else None
-    pruned: dict[str, Any] = {}
-    if prune:
-        assert lay is not None
-        pruned = prune_stage(ctx, split, lay, links, max_accuracy_drop=max_accuracy_drop)
-    acc_after = _accuracy(pm, xh, yh, dev)
-    asr_after = attack_success(pm, xh, yh, ctx.triggers, device=dev)
-    filt: FilterOutcome | None = None
-    fpm = orig_pm if orig_pm is not None else pm
-    if filter:
-        assert lay is not None
-        filt = filter_stage(
-            ctx,
-            split,
-            lay,
-            fpm,
-            fpr=fpr,
-            top_fraction=top_fraction,
-            min_neurons=min_neurons,
-            calibrated_on="original" if orig_pm is not None else "patched",
-        )
-    remaining = filt.attack_success_unflagged if filt is not None else asr_after
-    reasons = guard(
-        accuracy_before=acc_before,
-        accuracy_after=acc_after,
-        n_hold=split.n_hold,
-        attack_success=remaining,
+    plan = Plan(
+        unlearn=unlearn_cfg,
+        unlearn_rounds=unlearn_rounds,
+        rcfg=rcfg,
+        prune=prune,
+        filter=filter,
         max_accuracy_drop=max_accuracy_drop,
+        fpr=fpr,
+        top_fraction=top_fraction,
+        min_neurons=min_neurons,
     )
-    passed = not reasons
+    from .export import snapshot
 
-    figures: dict[str, Any] = {
-        "clean_accuracy_before": _r(acc_before),
-        "clean_accuracy_after": _r(acc_after),
-        "attack_success_before": {str(k): _r(v) for k, v in asr_before.items()},
-        "attack_success_after": {str(k): _r(v) for k, v in asr_after.items()},
-        "n_holdout": split.n_hold,
-    }
-    if prune:
-        figures["pruned_count"] = pruned["pruned_count"]
-        figures["pruned_fraction"] = _r(pruned["pruned_fraction"])
-    if filt is not None:
-        figures.update(
-            filter_threshold=_r(filt.profile.threshold),
-            filter_neurons=filt.profile.neurons,
-            filter_fpr=_r(filt.fpr),
-            filter_fnr=_r(filt.fnr),
-        )
+    links = tensor_links(ctx.net, ctx.om.proto)
+    original = snapshot(ctx.net)
+    lay = find_layer(ctx.om.proto, ctx.net, layer) if prune or filter else None
+    # The filter profiles the ORIGINAL network whenever unlearning or pruning changes it:
+    # after unlearning the reversed trigger no longer moves the patched network's neurons
+    # (measured: 55.8% of triggered images missed when calibrated on the unlearned model).
+    fpm = copy.deepcopy(ctx.pm).eval() if filter and plan.changes_network else ctx.pm
+    check = cross_check(
+        ctx, x, y, plan, folds=guard_folds, links=links, original=original, lay=lay, fpm=fpm
+    )
+    acc_before, acc_after = check.accuracy(check.before), check.accuracy(check.after)
+    drop, lo, hi = check.drop()
+    say(
+        f"checked on all {check.n} images ({guard_folds}-fold cross-fitting): clean accuracy {acc_before:.1%} -> "
+        f"{acc_after:.1%} (drop {drop:.1f} points, {GUARD_CONFIDENCE:.0%} interval {lo:.1f} to {hi:.1f})"
+    )
+    say(f"patching with all {check.n} images")
+    done = apply_plan(ctx, x, y, plan, links=links, lay=lay, fpm=fpm)
+    reasons = guard(check, max_accuracy_drop=max_accuracy_drop)
     ex = export_stage(
         ctx,
-        split,
+        x,
         links=links,
-        before=before,
+        before=original,
         methods=methods,
-        figures=figures,
+        figures=_figures(check, done),
         lay=lay,
-        filt=filt,
+        profile=done.profile,
         fpm=fpm,
+        filter_on_original=fpm is not ctx.pm,
         out_path=out_path,
     )
     written = False
-    if out_path is not None and (passed or force):
+    if out_path is not None and (not reasons or force):
         from .export import write
 
         write(out_path, ex.model_bytes, ex.data_bytes, [Path(model)])
         written = True
-        if not passed:
+        if reasons:
             ctx.warnings.append("written despite the failed guard (--force)")
+    return _result(
+        ctx,
+        methods,
+        check,
+        done,
+        ex,
+        reasons=reasons,
+        out_path=out_path,
+        written=written,
+        lay=lay,
+        filter_on_original=fpm is not ctx.pm,
+        labels_from_predictions=from_pred,
+        t0=t0,
+    )
+
+
+def _nothing_to_patch(
+    ctx: PatchContext, methods: list[str], out_path: Path | None, t0: float
+) -> PatchResult:
+    om = ctx.om
+    return PatchResult(
+        methods=methods,
+        labels=[],
+        model=str(om.path),
+        model_sha256=om.sha256,
+        output=str(out_path) if out_path else None,
+        written=False,
+        guard_passed=True,
+        guard_reasons=[],
+        n_train=0,
+        n_holdout=0,
+        clean_accuracy_before=ctx.prep.clean_accuracy,
+        clean_accuracy_after=None,
+        attack_success_before={},
+        attack_success_after={},
+        trigger_source=ctx.trigger_source,
+        elapsed_seconds=time.perf_counter() - t0,
+        timings=ctx.timings,
+        warnings=ctx.warnings,
+        scan_verdict=ctx.scan_verdict,
+        scan_reasons=ctx.scan_reasons,
+    )
+
+
+def _figures(check: Check, done: Applied) -> dict[str, Any]:
+    """The measured figures recorded in the patched model's metadata."""
+    fig: dict[str, Any] = {
+        "clean_accuracy_before": _r(check.accuracy(check.before)),
+        "clean_accuracy_after": _r(check.accuracy(check.after)),
+        "clean_accuracy_drop_interval": [_r(v) for v in check.drop()[1:]],
+        "attack_success_before": {
+            str(k): _r(v) for k, v in check.attack_success(check.before).items()
+        },
+        "attack_success_after": {
+            str(k): _r(v) for k, v in check.attack_success(check.after).items()
+        },
+        "n_checked": check.n,
+        "guard_folds": check.folds,
+    }
+    if done.pruned:
+        fig["pruned_count"] = done.pruned["pruned_count"]
+        fig["pruned_fraction"] = _r(done.pruned["pruned_fraction"])
+    if done.profile is not None:
+        f_fpr, f_fnr, _ = check.filter_rates()
+        fig.update(
+            filter_threshold=_r(done.profile.threshold),
+            filter_neurons=done.profile.neurons,
+            filter_fpr=_r(f_fpr),
+            filter_fnr=_r(f_fnr),
+        )
+    return fig
+
+
+def _result(
+    ctx: PatchContext,
+    methods: list[str],
+    check: Check,
+    done: Applied,
+    ex: ExportOutcome,
+    *,
+    reasons: list[str],
+    out_path: Path | None,
+    written: bool,
+    lay: Layer | None,
+    filter_on_original: bool,
+    labels_from_predictions: bool,
+    t0: float,
+) -> PatchResult:
+    om, p = ctx.om, done.pruned
+    filt = done.profile is not None
+    f_fpr, f_fnr, f_by = check.filter_rates() if filt else (None, None, None)
+    drop = check.drop()
     return PatchResult(
         methods=methods,
         labels=ctx.labels,
@@ -1091,36 +1400,45 @@ def patch(
         model_sha256=om.sha256,
         output=str(out_path) if out_path else None,
         written=written,
-        guard_passed=passed,
+        guard_passed=not reasons,
         guard_reasons=reasons,
-        n_train=len(split.x_train),
-        n_holdout=split.n_hold,
-        clean_accuracy_before=acc_before,
-        clean_accuracy_after=acc_after,
-        attack_success_before=asr_before,
-        attack_success_after=asr_after,
-        pruned_count=pruned.get("pruned_count"),
-        pruned_total=pruned.get("pruned_total"),
-        pruned_fraction=pruned.get("pruned_fraction"),
-        prune_success=pruned.get("prune_success"),
-        prune_stopped_by=pruned.get("prune_stopped_by"),
+        n_train=check.n,
+        n_holdout=check.n,
+        clean_accuracy_before=check.accuracy(check.before),
+        clean_accuracy_after=check.accuracy(check.after),
+        attack_success_before=check.attack_success(check.before),
+        attack_success_after=check.attack_success(check.after),
+        pruned_count=p.get("pruned_count"),
+        pruned_total=p.get("pruned_total"),
+        pruned_fraction=p.get("pruned_fraction"),
+        prune_success=p.get("prune_success"),
+        prune_stopped_by=p.get("prune_stopped_by"),
         layer=lay.description if lay is not None else None,
-        filter_threshold=filt.profile.threshold if filt else None,
-        filter_neurons=filt.profile.neurons if filt else None,
-        filter_fpr=filt.fpr if filt else None,
-        filter_fnr=filt.fnr if filt else None,
-        attack_success_after_filter=filt.attack_success_unflagged if filt else None,
+        filter_threshold=done.profile.threshold if done.profile else None,
+        filter_neurons=done.profile.neurons if done.profile else None,
+        filter_neurons_by_label={q.target: q.neurons for q in done.profile.parts}
+        if done.profile
+        else None,
+        filter_fpr=f_fpr,
+        filter_fnr=f_fnr,
+        filter_fnr_by_label=f_by,
+        attack_success_after_filter=check.attack_success(check.after, unflagged=True)
+        if filt
+        else None,
         export=ex.mode,
         changed_initializers=ex.changed,
         parity_max_rel=ex.parity_max_rel,
         parity_filter_max_rel=ex.parity_filter_max_rel,
         trigger_source=ctx.trigger_source,
-        unlearn=unlearned,
-        labels_from_predictions=split.labels_from_predictions,
+        unlearn=done.unlearn,
+        labels_from_predictions=labels_from_predictions,
         elapsed_seconds=time.perf_counter() - t0,
         timings=ctx.timings,
         warnings=ctx.warnings,
         scan_verdict=ctx.scan_verdict,
         scan_reasons=ctx.scan_reasons,
-        filter_calibrated_on=filt.calibrated_on if filt else None,
+        filter_calibrated_on=("original" if filter_on_original else "patched") if filt else None,
+        guard_folds=check.folds,
+        clean_accuracy_drop=drop[0],
+        clean_accuracy_drop_interval=[drop[1], drop[2]],
     )

@@ -1,16 +1,19 @@
 """Input filter (Neural Cleanse, section 6.1).
 
-The neuron activation profile of an input is the mean activation of the top 1% (at least
-one) neurons of the chosen layer ranked by how much more they fire on reversed-trigger
-images than on clean ones. An input is flagged when its profile exceeds a threshold set on
-clean images so that, with 90% confidence, at most `fpr` (default 5%) of new clean inputs
-are flagged (a binomial bound on the order statistic, see `calibrate`).
+Each flagged target gets its own activation profile: the mean standardised activation of
+the neurons of the chosen layer that its reversed trigger excites most (the paper's top 1%,
+at least 8; the count chosen among 0.5-4x that by measured separation, `fit_part`). An
+input is flagged when ANY target's profile fires, i.e. when the largest of the targets'
+(normalised) scores exceeds one threshold, set on clean images so that, with 90%
+confidence, at most `fpr` (default 5%) of new clean inputs are flagged (a binomial bound on
+the order statistic, see `calibrate`).
 
 The filter is exported as a WRAPPER of the original graph: every original node and output
 is kept, and two outputs are added, computed inside the graph from the activation tensor:
 
-    ncscan_score = ReduceMean((Gather(activation, neurons, axis=1) - center) / scale)  float [N]
-    ncscan_flag  = Greater(ncscan_score, threshold)                   bool  [N]
+    score_t      = ReduceMean((Gather(activation, neurons_t, axis=1) - center_t) / scale_t) / norm_t
+    ncscan_score = Max(score_t over the targets)                       float [N]
+    ncscan_flag  = Greater(ncscan_score, threshold)                    bool  [N]
 
 When the network itself was changed too (unlearning, pruning), the filter profiles the
 ORIGINAL network: after unlearning, the reversed trigger no longer moves the patched
@@ -34,31 +37,59 @@ FLAG = "ncscan_flag"
 
 
 @dataclass(frozen=True)
-class FilterProfile:
-    """score = mean over the chosen neurons of (activation - center) / scale.
+class FilterPart:
+    """One flagged target's profile: the mean over its neurons of (activation - center) /
+    scale, divided by `norm`.
 
     `center`/`scale` are the neurons' clean mean and standard deviation: standardising puts
     every neuron on the scale of its own clean noise, so one loud but noisy neuron cannot
     drown quiet, reliable ones (measured on the fixtures: false negatives at the same FPR
-    fell from 12-15% to <= 5% on mnist_badnets_pattern and mnist_trojan). None = raw mean
-    (the paper's profile).
+    fell from 12-15% to <= 5% on mnist_badnets_pattern and mnist_trojan). `norm` is the
+    clean standard deviation of that mean, so every target's score is on one scale and the
+    profile's score can be their maximum.
     """
 
+    target: int
     neurons: list[int]
-    threshold: float
-    rank_dims: int  # rank of the activation tensor in the graph (2 or 4)
-    center: list[float] | None = None
-    scale: list[float] | None = None
+    center: list[float]
+    scale: list[float]
+    norm: float = 1.0
 
     def score(self, acts: torch.Tensor) -> torch.Tensor:
         """Scores from per-neuron activations [N, width]."""
         a = acts[:, self.neurons]
-        if self.center is not None and self.scale is not None:
-            a = (a - torch.tensor(self.center, dtype=a.dtype)) / torch.tensor(self.scale, dtype=a.dtype)
-        return a.mean(1)
+        a = (a - torch.tensor(self.center, dtype=a.dtype)) / torch.tensor(self.scale, dtype=a.dtype)
+        return a.mean(1) / self.norm
 
 
-def standardise(a_clean: torch.Tensor, a_trig: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class FilterProfile:
+    """score = the largest of the flagged targets' part scores; flagged when above
+    `threshold`. A profile per target: on a model with two backdoors one averaged neuron
+    set follows the louder one and lets the other's triggered inputs through (issue #16:
+    22% of one target's inputs missed)."""
+
+    parts: list[FilterPart]
+    threshold: float
+    rank_dims: int  # rank of the activation tensor in the graph (2 or 4)
+
+    @property
+    def neurons(self) -> list[int]:
+        """Every neuron any part reads, sorted."""
+        return sorted({j for p in self.parts for j in p.neurons})
+
+    def part_scores(self, acts: torch.Tensor) -> torch.Tensor:
+        """[N, number of parts]."""
+        return torch.stack([p.score(acts) for p in self.parts], 1)
+
+    def score(self, acts: torch.Tensor) -> torch.Tensor:
+        """Scores from per-neuron activations [N, width]."""
+        return self.part_scores(acts).max(1).values
+
+
+def standardise(
+    a_clean: torch.Tensor, a_trig: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(standardised gap per neuron, clean mean, clean scale) from activations [N, width].
 
     The scale is the clean standard deviation, floored at 1% of the layer's median
@@ -76,7 +107,9 @@ def standardise(a_clean: torch.Tensor, a_trig: torch.Tensor) -> tuple[torch.Tens
 MIN_NEURONS = 8
 
 
-def choose_neurons(gap: torch.Tensor, top_fraction: float = 0.01, min_neurons: int = MIN_NEURONS) -> list[int]:
+def choose_neurons(
+    gap: torch.Tensor, top_fraction: float = 0.01, min_neurons: int = MIN_NEURONS
+) -> list[int]:
     """The top `top_fraction` of neurons by gap, at least `min_neurons` (capped at the width).
 
     The paper's 1% is a single neuron in a 64-wide layer; on the MNIST BadNets fixture that
@@ -86,10 +119,62 @@ def choose_neurons(gap: torch.Tensor, top_fraction: float = 0.01, min_neurons: i
     return torch.argsort(gap, descending=True)[:k].tolist()
 
 
+def fit_part(
+    a_clean: torch.Tensor,
+    a_trig: torch.Tensor,
+    target: int,
+    *,
+    fpr: float,
+    top_fraction: float = 0.01,
+    min_neurons: int = MIN_NEURONS,
+) -> FilterPart:
+    """One target's profile from clean and triggered activations [N, width].
+
+    The neuron count is chosen by measured separation among half, 1x, 2x and 4x the
+    default count (`choose_neurons`): the one whose score flags the most triggered images
+    above the clean (1 - fpr) quantile, ties broken by the larger standardised mean gap
+    (d'), then by the smaller count.
+    """
+    gap, mu, sd = standardise(a_clean, a_trig)
+    order = torch.argsort(gap, descending=True)
+    width = len(gap)
+    base = len(choose_neurons(gap, top_fraction, min_neurons))
+    best: tuple[tuple[float, float, int], FilterPart] | None = None
+    for k in sorted({max(1, base // 2), base, min(width, 2 * base), min(width, 4 * base)}):
+        nz = order[:k].tolist()
+        part = FilterPart(
+            target=target,
+            neurons=nz,
+            center=[float(mu[j]) for j in nz],
+            scale=[float(sd[j]) for j in nz],
+        )
+        sc, st = part.score(a_clean), part.score(a_trig)
+        q = float(torch.quantile(sc.double(), 1.0 - fpr)) if len(sc) else 0.0
+        detect = float((st > q).double().mean()) if len(st) else 0.0
+        spread = float(sc.std()) if len(sc) > 1 else 1.0
+        dprime = (float(st.mean()) - float(sc.mean())) / max(spread, 1e-12) if len(st) else 0.0
+        key = (round(detect, 3), dprime, -k)
+        if best is None or key > best[0]:
+            best = (
+                key,
+                FilterPart(
+                    target=target,
+                    neurons=nz,
+                    center=part.center,
+                    scale=part.scale,
+                    norm=max(spread, 1e-6),
+                ),
+            )
+    assert best is not None
+    return best[1]
+
+
 CONFIDENCE = 0.9
 
 
-def calibrate(scores_clean: np.ndarray, fpr: float, confidence: float = CONFIDENCE) -> tuple[float, bool]:
+def calibrate(
+    scores_clean: np.ndarray, fpr: float, confidence: float = CONFIDENCE
+) -> tuple[float, bool]:
     """A threshold whose false-positive rate on NEW clean inputs is at most `fpr` with
     probability `confidence`.
 
@@ -131,7 +216,9 @@ def _max_exceedances(n: int, p: float, delta: float) -> int:
     return min(k, n - 1)
 
 
-def rates(scores_clean: np.ndarray, scores_trig: np.ndarray, threshold: float) -> tuple[float, float]:
+def rates(
+    scores_clean: np.ndarray, scores_trig: np.ndarray, threshold: float
+) -> tuple[float, float]:
     fpr = float(np.mean(scores_clean > threshold)) if len(scores_clean) else float("nan")
     fnr = float(np.mean(scores_trig <= threshold)) if len(scores_trig) else float("nan")
     return fpr, fnr
@@ -147,7 +234,9 @@ def _opset(proto: onnx.ModelProto) -> int:
 BRANCH = "ncscan_orig/"
 
 
-def add_original_branch(proto: onnx.ModelProto, original: onnx.ModelProto, tensor: str) -> tuple[onnx.ModelProto, str]:
+def add_original_branch(
+    proto: onnx.ModelProto, original: onnx.ModelProto, tensor: str
+) -> tuple[onnx.ModelProto, str]:
     """Copy into `proto` the nodes of `original` that compute `tensor` from the graph input,
     with the original initializers, every name prefixed with BRANCH.
 
@@ -176,7 +265,10 @@ def add_original_branch(proto: onnx.ModelProto, original: onnx.ModelProto, tenso
             n = producer.get(t)
             if n is None:
                 raise ValueError(f"tensor {t!r} has no producer in the original graph")
-            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            if any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                for a in n.attribute
+            ):
                 raise ValueError(f"node {n.name or n.op_type} has subgraphs")
             picked.add(id(n))
             stack.extend(n.input)
@@ -209,50 +301,96 @@ def add_filter(proto: onnx.ModelProto, activation: str, profile: FilterProfile) 
     m = onnx.ModelProto()
     m.CopyFrom(proto)
     g = m.graph
-    taken = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
+    taken = (
+        {o for n in g.node for o in n.output}
+        | {t.name for t in g.initializer}
+        | {i.name for i in g.input}
+    )
     if SCORE in taken or FLAG in taken:
         raise ValueError("the model already has ncscan filter outputs")
     p = "ncscan_filter/"
-    idx = numpy_helper.from_array(np.asarray(profile.neurons, dtype=np.int64), p + "neurons")
+    if not profile.parts:
+        raise ValueError("a filter profile needs at least one part")
     thr = numpy_helper.from_array(np.asarray(profile.threshold, dtype=np.float32), p + "threshold")
-    g.initializer.extend([idx, thr])
+    g.initializer.append(thr)
     axes = list(range(1, profile.rank_dims))
-    nodes = [
-        helper.make_node("Cast", [activation], [p + "act"], name=p + "Cast", to=TensorProto.FLOAT),
-        helper.make_node("Gather", [p + "act", p + "neurons"], [p + "picked"], name=p + "Gather", axis=1),
-    ]
-    picked = p + "picked"
-    if profile.center is not None and profile.scale is not None:
-        # [1, k] for a [N, width] activation, [1, k, 1, 1] for a feature map (the profile's
-        # per-neuron values are spatial means, and standardising commutes with the mean).
-        shape = [1, len(profile.neurons)] + [1] * (profile.rank_dims - 2)
-        g.initializer.extend([
-            numpy_helper.from_array(np.asarray(profile.center, dtype=np.float32).reshape(shape), p + "center"),
-            numpy_helper.from_array(np.asarray(profile.scale, dtype=np.float32).reshape(shape), p + "scale"),
-        ])
-        nodes += [
-            helper.make_node("Sub", [picked, p + "center"], [p + "centered"], name=p + "Sub"),
-            helper.make_node("Div", [p + "centered", p + "scale"], [p + "standardised"], name=p + "Div"),
-        ]
-        picked = p + "standardised"
     if _opset(m) >= 18:
         g.initializer.append(numpy_helper.from_array(np.asarray(axes, dtype=np.int64), p + "axes"))
-        nodes.append(helper.make_node("ReduceMean", [picked, p + "axes"], [SCORE], name=p + "ReduceMean", keepdims=0))
-    else:
-        nodes.append(helper.make_node("ReduceMean", [picked], [SCORE], name=p + "ReduceMean", axes=axes, keepdims=0))
+    nodes = [
+        helper.make_node("Cast", [activation], [p + "act"], name=p + "Cast", to=TensorProto.FLOAT)
+    ]
+    part_scores: list[str] = []
+    for i, part in enumerate(profile.parts):
+        q = f"{p}t{i}/"
+        # [1, k] for a [N, width] activation, [1, k, 1, 1] for a feature map (the profile's
+        # per-neuron values are spatial means, and standardising commutes with the mean).
+        shape = [1, len(part.neurons)] + [1] * (profile.rank_dims - 2)
+        g.initializer.extend(
+            [
+                numpy_helper.from_array(np.asarray(part.neurons, dtype=np.int64), q + "neurons"),
+                numpy_helper.from_array(
+                    np.asarray(part.center, dtype=np.float32).reshape(shape), q + "center"
+                ),
+                numpy_helper.from_array(
+                    np.asarray(part.scale, dtype=np.float32).reshape(shape), q + "scale"
+                ),
+                numpy_helper.from_array(np.asarray(part.norm, dtype=np.float32), q + "norm"),
+            ]
+        )
+        nodes += [
+            helper.make_node(
+                "Gather", [p + "act", q + "neurons"], [q + "picked"], name=q + "Gather", axis=1
+            ),
+            helper.make_node("Sub", [q + "picked", q + "center"], [q + "centered"], name=q + "Sub"),
+            helper.make_node(
+                "Div", [q + "centered", q + "scale"], [q + "standardised"], name=q + "Div"
+            ),
+        ]
+        if _opset(m) >= 18:
+            nodes.append(
+                helper.make_node(
+                    "ReduceMean",
+                    [q + "standardised", p + "axes"],
+                    [q + "mean"],
+                    name=q + "ReduceMean",
+                    keepdims=0,
+                )
+            )
+        else:
+            nodes.append(
+                helper.make_node(
+                    "ReduceMean",
+                    [q + "standardised"],
+                    [q + "mean"],
+                    name=q + "ReduceMean",
+                    axes=axes,
+                    keepdims=0,
+                )
+            )
+        out = SCORE if len(profile.parts) == 1 else q + "score"
+        nodes.append(helper.make_node("Div", [q + "mean", q + "norm"], [out], name=q + "Norm"))
+        part_scores.append(out)
+    if len(part_scores) > 1:  # flagged when any target's profile fires
+        nodes.append(helper.make_node("Max", part_scores, [SCORE], name=p + "Max"))
     nodes.append(helper.make_node("Greater", [SCORE, p + "threshold"], [FLAG], name=p + "Greater"))
     g.node.extend(nodes)
     init_names = {t.name for t in g.initializer}
     data_in = [i for i in g.input if i.name not in init_names]
-    batch = data_in[0].type.tensor_type.shape.dim[0] if data_in and data_in[0].type.tensor_type.shape.dim else None
+    batch = (
+        data_in[0].type.tensor_type.shape.dim[0]
+        if data_in and data_in[0].type.tensor_type.shape.dim
+        else None
+    )
     # The same batch axis as the model's input: its symbolic name, or its fixed size.
     dim: list[object] = ["N"]
     if batch is not None and batch.HasField("dim_value") and batch.dim_value > 0:
         dim = [int(batch.dim_value)]
     elif batch is not None and batch.HasField("dim_param") and batch.dim_param:
         dim = [batch.dim_param]
-    g.output.extend([
-        helper.make_tensor_value_info(SCORE, TensorProto.FLOAT, dim),
-        helper.make_tensor_value_info(FLAG, TensorProto.BOOL, dim),
-    ])
+    g.output.extend(
+        [
+            helper.make_tensor_value_info(SCORE, TensorProto.FLOAT, dim),
+            helper.make_tensor_value_info(FLAG, TensorProto.BOOL, dim),
+        ]
+    )
     return m

@@ -173,6 +173,57 @@ class _Adversary:
             self.opt.step()
 
 
+def _stamp(
+    xb: torch.Tensor,
+    k: int,
+    masks: list[torch.Tensor],
+    pats: list[torch.Tensor],
+    advs: list[_Adversary],
+    cfg: UnlearnConfig,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Stamp k random images of the batch (in place), each with one trigger: its reversed
+    copy (grown/shifted) or, for `adv_share` of them, its adversarial copy.
+
+    Returns:
+        The mask of the images left clean [len(xb)] (bool, on the CPU).
+    """
+    dev = xb.device
+    clean = torch.ones(len(xb), dtype=torch.bool)
+    if k <= 0:
+        return clean
+    sel = torch.randperm(len(xb), generator=gen)[:k]
+    clean[sel] = False
+    which = torch.randint(len(masks), (k,), generator=gen)
+    adv = (
+        (torch.rand(k, generator=gen) < cfg.adv_share) if advs else torch.zeros(k, dtype=torch.bool)
+    )
+    for j in range(len(masks)):
+        s = sel[(which == j) & ~adv].to(dev)
+        if len(s):
+            m, p = _augmented(masks[j], pats[j], cfg, gen)
+            xb[s] = xb[s] * (1 - m) + m * p
+        s = sel[(which == j) & adv].to(dev)
+        if len(s):
+            with torch.no_grad():
+                m, p = advs[j].current()
+            xb[s] = xb[s] * (1 - m) + m * p
+    return clean
+
+
+def _mixup(x: torch.Tensor, bs: int, shift: int, gen: torch.Generator) -> torch.Tensor:
+    """bs pairs of clean images blended with uniform weights, shifted by up to `shift` px."""
+    n = len(x)
+    i1 = torch.randint(n, (bs,), generator=gen)
+    i2 = torch.randint(n, (bs,), generator=gen)
+    lam = torch.rand(bs, 1, 1, 1, generator=gen)
+    xm = lam * x[i1] + (1 - lam) * x[i2]
+    if shift > 0:
+        dy, dx = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=gen))
+        xm = torch.roll(xm, (dy, dx), (2, 3))
+    return xm
+
+
 def _kl(student: torch.Tensor, teacher_logp: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) at a temperature, scaled by T^2 (Hinton et al.)."""
     logp = F.log_softmax(student / temperature, 1)
@@ -271,26 +322,7 @@ def unlearn(
             # `poison_fraction` of the batch per trigger (at most half the batch in all), so
             # a second target is not unlearned with half the examples of a single one.
             k = round(min(0.5, cfg.poison_fraction * len(triggers)) * len(idx))
-            clean = torch.ones(len(idx), dtype=torch.bool)
-            if k > 0:
-                sel = torch.randperm(len(idx), generator=gen)[:k]
-                clean[sel] = False
-                which = torch.randint(len(triggers), (k,), generator=gen)
-                adv = (
-                    (torch.rand(k, generator=gen) < cfg.adv_share)
-                    if advs
-                    else torch.zeros(k, dtype=torch.bool)
-                )
-                for j in range(len(triggers)):
-                    s = sel[(which == j) & ~adv].to(dev)
-                    if len(s):
-                        m, p = _augmented(masks[j], pats[j], cfg, gen)
-                        xb[s] = xb[s] * (1 - m) + m * p
-                    s = sel[(which == j) & adv].to(dev)
-                    if len(s):
-                        with torch.no_grad():
-                            m, p = advs[j].current()
-                        xb[s] = xb[s] * (1 - m) + m * p
+            clean = _stamp(xb, k, masks, pats, advs, cfg, gen)
             out = pm(xb)
             c = clean.to(dev)
             frac = float(clean.float().mean())
@@ -303,16 +335,7 @@ def unlearn(
                 if cfg.distill > 0:
                     loss = loss + cfg.distill * _kl(out[c], ref_logp[idx][clean].to(dev), temp)
             if teacher is not None:
-                i1 = torch.randint(n, (bs,), generator=gen)
-                i2 = torch.randint(n, (bs,), generator=gen)
-                lam = torch.rand(bs, 1, 1, 1, generator=gen)
-                xm = lam * x[i1] + (1 - lam) * x[i2]
-                if mix_shift > 0:
-                    dy, dx = (
-                        int(v)
-                        for v in torch.randint(-mix_shift, mix_shift + 1, (2,), generator=gen)
-                    )
-                    xm = torch.roll(xm, (dy, dx), (2, 3))
+                xm = _mixup(x, bs, mix_shift, gen)
                 xm = xm.to(dev)
                 with torch.no_grad():
                     tm = F.log_softmax(teacher(xm) / temp, 1)
