@@ -20,7 +20,64 @@ from .scanner import LabelResult, ScanReport
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 RULE_ID = "NCSCAN001"
 
+# A model with at most this many labels gets every label in the table and in --triggers; a
+# larger one (1,000 ImageNet classes) gets the flagged and borderline labels, the TOP_SUSPECTS
+# smallest working triggers and a summary of the rest, unless every label is asked for. The
+# JSON report always keeps every label.
+ALL_LABELS_MAX = 30
+TOP_SUSPECTS = 10
+# Trigger PNGs are enlarged by a whole factor up to about this side (x8 at 28 px, x7 at
+# 32 px, x1 from 113 px up), so a 224 px trigger is written at 224 px, not 1792.
+PNG_TARGET_SIDE = 224
 
+
+def png_scale(height: int, width: int) -> int:
+    """Nearest-neighbour enlargement of a trigger PNG: the largest whole factor that keeps
+    its longer side within PNG_TARGET_SIDE (at least 1: larger inputs are written as they are)."""
+    return max(1, PNG_TARGET_SIDE // max(1, height, width))
+
+
+def select_labels(report: ScanReport, all_labels: bool = False, top: int = TOP_SUSPECTS) -> list[LabelResult]:
+    """The labels a person is shown (table) and given (--triggers), smallest trigger first.
+
+    Every label when `all_labels` or when the model has at most ALL_LABELS_MAX of them;
+    otherwise the flagged and borderline labels, the `top` smallest working triggers among
+    the fully optimised labels (the next suspects), and up to `top` labels with no working
+    trigger (what makes a scan inconclusive).
+    """
+    by_size = sorted(report.labels, key=lambda r: (r.mask_l1, r.label))
+    if all_labels or len(report.labels) <= ALL_LABELS_MAX:
+        return by_size
+    suspects = [r for r in by_size if r.decision == "clear" and r.converged and not r.screened_out][:top]
+    missing = [r for r in by_size if r.decision == "no_trigger"][:top]
+    keep = {r.label for r in by_size if r.decision in ("flagged", "borderline")}
+    keep |= {r.label for r in suspects} | {r.label for r in missing}
+    return [r for r in by_size if r.label in keep]
+
+
+def summarize_rest(report: ScanReport, shown: list[LabelResult]) -> str | None:
+    """One line on the labels `select_labels` left out (None when none were)."""
+    seen = {r.label for r in shown}
+    rest = [r for r in report.labels if r.label not in seen]
+    if not rest:
+        return None
+    counts: dict[str, int] = {}
+    for r in rest:
+        counts[r.decision] = counts.get(r.decision, 0) + 1
+    names = {"clear": "clear", "screened_out": "screened out", "no_trigger": "no trigger found"}
+    parts = [f"{n} {names.get(k, k)}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    worked = [r for r in rest if r.converged]
+    span = ""
+    if worked:
+        l1 = [r.mask_l1 for r in worked]
+        sc = [r.score for r in worked if np.isfinite(r.score)]
+        span = f"; mask L1 {min(l1):.1f}-{max(l1):.1f}"
+        if sc:
+            span += f", score {min(sc):.2f} to {max(sc):.2f}"
+    return (
+        f"{len(rest)} more label(s) not shown ({', '.join(parts)}{span}); "
+        "--all-labels lists every label, and the JSON report has them all"
+    )
 
 
 def _clean_nans(obj: Any) -> Any:
@@ -163,12 +220,33 @@ def png_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_triggers(report: ScanReport, out_dir: str | os.PathLike[str], scale: int = 8) -> list[Path]:
-    """Write label_<k>_{mask,pattern,trigger}.png (upscaled) and label_<k>.npz for every label."""
+def write_triggers(
+    report: ScanReport,
+    out_dir: str | os.PathLike[str],
+    scale: int | None = None,
+    all_labels: bool = False,
+) -> list[Path]:
+    """Write label_<k>_{mask,pattern,trigger}.png (enlarged) and label_<k>.npz, and an
+    index.json listing them.
+
+    Args:
+        report: the scan.
+        out_dir: the directory (created if missing).
+        scale: nearest-neighbour enlargement of the PNGs (default `png_scale` of the input).
+        all_labels: every label; otherwise `select_labels` (every label of a model with at
+            most ALL_LABELS_MAX, else the flagged/borderline labels and the top suspects).
+
+    Returns:
+        The files written.
+    """
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
+    chosen = select_labels(report, all_labels)
+    if scale is None:
+        h, w = report.labels[0].trigger.mask.shape if report.labels else (1, 1)
+        scale = png_scale(int(h), int(w))
     written = []
-    for r in report.labels:
+    for r in sorted(chosen, key=lambda r: r.label):
         for kind, img in trigger_images(r).items():
             if scale > 1:
                 img = np.repeat(np.repeat(img, scale, 0), scale, 1)  # nearest-neighbour upscale
@@ -181,7 +259,12 @@ def write_triggers(report: ScanReport, out_dir: str | os.PathLike[str], scale: i
         atomic_write_bytes(p, buf.getvalue())
         written.append(p)
     atomic_write_text(d / "index.json", json.dumps(
-        {"model_sha256": report.model_sha256, "labels": {str(r.label): f"label_{r.label}.npz" for r in report.labels}},
+        {
+            "model_sha256": report.model_sha256,
+            "labels": {str(r.label): f"label_{r.label}.npz" for r in sorted(chosen, key=lambda r: r.label)},
+            "omitted_labels": len(report.labels) - len(chosen),
+            "png_scale": scale,
+        },
         indent=2,
     ))
     return written
@@ -199,7 +282,17 @@ def _half_block_preview(r: LabelResult, max_width: int = 32) -> Any:
         img = np.repeat(img, 3, 2)
     h, w = img.shape[:2]
     step = max(1, int(np.ceil(w / max_width)))
-    img = img[::step, ::step]
+    if step > 1:
+        # Block means, not every step-th pixel: a few-pixel trigger on a 224 px input must
+        # not fall between the samples.
+        rows, cols = int(np.ceil(h / step)), int(np.ceil(w / step))
+        pad = np.zeros((rows * step, cols * step, 3), np.float32)
+        cnt = np.zeros((rows * step, cols * step, 1), np.float32)
+        pad[:h, :w] = img
+        cnt[:h, :w] = 1
+        tot = pad.reshape(rows, step, cols, step, 3).sum(axis=(1, 3))
+        n = cnt.reshape(rows, step, cols, step, 1).sum(axis=(1, 3))
+        img = np.clip(tot / np.maximum(n, 1) + 0.5, 0, 255).astype(np.uint8)
     h, w = img.shape[:2]
     text = Text()
     for y in range(0, h, 2):
@@ -244,8 +337,12 @@ def trigger_preview(r: LabelResult, console: Any) -> Any:
     return Text(_ascii_preview(r))
 
 
-def render_table(report: ScanReport, console: Any, show_all_previews: bool = False) -> None:
-    """The human report on a rich console."""
+def render_table(
+    report: ScanReport, console: Any, show_all_previews: bool = False, all_labels: bool = False
+) -> None:
+    """The human report on a rich console: every label of a model with at most
+    ALL_LABELS_MAX labels (or with `all_labels`), else the suspects (`select_labels`) and
+    a one-line summary of the rest."""
     from rich.panel import Panel
     from rich.table import Table
 
@@ -265,7 +362,8 @@ def render_table(report: ScanReport, console: Any, show_all_previews: bool = Fal
     notes = {"flagged": "FLAGGED", "borderline": "borderline", "no_trigger": "no trigger found",
              "screened_out": "screened out", "clear": ""}
     styles = {"flagged": "bold red", "borderline": "yellow", "no_trigger": "yellow"}
-    for r in sorted(report.labels, key=lambda r: r.mask_l1):
+    shown = select_labels(report, all_labels)
+    for r in shown:
         # A label with no working trigger has no meaningful size or score: its last mask is
         # shown in brackets and the score as a dash.
         l1_s = f"{r.mask_l1:.1f}" if r.converged else f"({r.mask_l1:.1f})"
@@ -275,6 +373,9 @@ def render_table(report: ScanReport, console: Any, show_all_previews: bool = Fal
             notes.get(r.decision, ""), style=styles.get(r.decision, ""),
         )
     console.print(t)
+    rest = summarize_rest(report, shown)
+    if rest is not None:
+        console.print(rest)
     acc = "n/a (no labels)" if report.clean_accuracy is None else f"{report.clean_accuracy:.1%}"
     console.print(
         f"median mask L1 {report.median_l1:.1f} · threshold {report.threshold:g} ± {report.decide_config.band:g}"

@@ -14,17 +14,27 @@ import numpy as np
 import torch
 
 from . import __version__, sanity
-from .data import Dataset, check_labels, load_data
+from .data import Dataset, LoadProgress, check_labels, check_resize, load_data
 from .decide import DecideConfig, Decision, decide, needs_restart
 from .errors import ConfigError, DataError, DeviceError, ModelError
 from .model import OnnxModel, Parity, check_parity, convert, load_onnx, ort_run, ort_session
-from .preprocess import PixelModel, Preprocess, preprocess_from_metadata, resolve_preprocess
+from .preprocess import (
+    PixelModel,
+    Preprocess,
+    preprocess_from_metadata,
+    resize_from_metadata,
+    resolve_preprocess,
+)
 from .reverse import (
     ChunkRunner,
     LabelTrace,
     Progress,
     ReverseConfig,
     attack_success,
+    forward_batch,
+    memory_peak,
+    memory_plan,
+    memory_start,
     preset,
     reverse_engineer,
 )
@@ -167,6 +177,8 @@ class ScanReport:
     paper_flagged: list[int] = field(default_factory=list)  # what the paper's index > 2 would flag
     score_center: float = float("nan")  # median log mask L1
     score_scale: float = float("nan")  # spread of log mask L1 used (after the floor)
+    resize: dict[str, str] = field(default_factory=lambda: {"mode": "squash", "source": "default"})
+    memory: dict[str, Any] = field(default_factory=dict)  # peaks and the activation plan
 
     @property
     def by_label(self) -> dict[int, LabelResult]:
@@ -205,6 +217,7 @@ class ScanReport:
             "output": self.output,
             "input_shape": self.input_shape,
             "n_images": self.n_images,
+            "resize": self.resize,
             "seed": self.seed,
             "device": self.device,
             "config": self.config.to_dict(),
@@ -212,6 +225,7 @@ class ScanReport:
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "image_passes": self.passes,
+            "memory": self.memory,
             "warnings": self.warnings,
             "reasons": self.reasons,
         }
@@ -237,10 +251,13 @@ class Prepared:
     # Why the data cannot support a verdict (near-chance accuracy, collapsed predictions),
     # set only when `force` let the scan go on anyway.
     doubt: str | None = None
+    resize: dict[str, str] = field(default_factory=lambda: {"mode": "squash", "source": "default"})
 
 
-def _scores(pm: PixelModel, x: torch.Tensor, dev: torch.device, batch: int = 512) -> np.ndarray:
-    """The model's scores (logits or log-probabilities) for [0,1] images, as float64."""
+def _scores(pm: PixelModel, x: torch.Tensor, dev: torch.device, batch: int | None = None) -> np.ndarray:
+    """The model's scores (logits or log-probabilities) for [0,1] images, as float64
+    (`batch` images per forward; default: what the memory budget holds, at most 512)."""
+    batch = batch or forward_batch(pm, x, dev)
     with torch.no_grad():
         out = [pm(x[i : i + batch].to(dev)).double().cpu() for i in range(0, len(x), batch)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
@@ -262,6 +279,8 @@ def prepare(
     rtol: float = 1e-4,
     force: bool = False,
     output_name: str | None = None,
+    resize: str | None = None,
+    load_progress: LoadProgress | None = None,
 ) -> Prepared:
     """Load + check the model, load the data, convert, verify the conversion, and check
     that the preprocessing is plausible (`ncscan.sanity`).
@@ -271,6 +290,9 @@ def prepare(
             predictions collapse onto one class; otherwise that is a DataError.
         output_name: the graph output holding the class scores (default: the only
             output shaped [N, classes]; a model with several such outputs is refused).
+        resize: how images of another size are fitted ("squash" | "shorter-crop"; default:
+            the model's `ncscan.resize` metadata, else squash).
+        load_progress: called as (decoded, to decode) while image files are decoded.
 
     Raises:
         NcscanError subclasses for anything the user can fix.
@@ -291,6 +313,9 @@ def prepare(
     if om.layout_source == "metadata":
         src["layout"] = "metadata"
     pp = replace(pp, layout=om.input.layout).validate(ch)
+    meta_resize = resize_from_metadata(om.metadata)
+    fit = check_resize(resize) if resize is not None else meta_resize or "squash"
+    fit_src = "flag" if resize is not None else "metadata" if meta_resize is not None else "default"
     if isinstance(data, Dataset):
         ds = data
     else:
@@ -301,6 +326,8 @@ def prepare(
             labels_file=labels_file,
             max_images=max_images,
             seed=seed,
+            resize=fit,
+            progress=load_progress,
         )
     warnings = list(om.warnings) + list(ds.warnings)
     x = ds.tensor()
@@ -333,7 +360,9 @@ def prepare(
     # Wrong preprocessing makes any verdict meaningless: check it before optimising.
     doubt: str | None = None
     meta_pp = preprocess_from_metadata(om.metadata)
-    warnings += sanity.metadata_overrides(meta_pp, overrides)
+    warnings += sanity.metadata_overrides(
+        {**meta_pp, **({"resize": meta_resize} if meta_resize else {})}, {**overrides, "resize": resize}
+    )
     scores = _scores(pm, x, dev)
     acc = None if y is None else float((scores.argmax(1) == ds.y).mean())
 
@@ -368,6 +397,7 @@ def prepare(
         warnings=warnings,
         clean_accuracy=acc,
         doubt=doubt,
+        resize={"mode": fit, "source": fit_src},
     )
 
 
@@ -394,6 +424,8 @@ def scan(
     runner: Callable[[Prepared], ChunkRunner] | None = None,
     force: bool = False,
     output_name: str | None = None,
+    resize: str | None = None,
+    load_progress: LoadProgress | None = None,
 ) -> ScanReport:
     """Scan an ONNX image classifier for backdoors with Neural Cleanse.
 
@@ -423,6 +455,9 @@ def scan(
             collapse onto one class (otherwise a DataError before any optimisation).
         output_name: the graph output holding the class scores (default: the only
             output shaped [N, classes]; a model with several such outputs is refused).
+        resize: how images of another size are fitted: "squash" or "shorter-crop"
+            (default: the model's `ncscan.resize` metadata, else squash).
+        load_progress: called as (decoded, to decode) while image files are decoded.
 
     Returns:
         The ScanReport.
@@ -436,10 +471,11 @@ def scan(
             raise ConfigError(f"--threshold must be positive, got {threshold}")
         dcfg = replace(dcfg, threshold=float(threshold))
     t0 = time.perf_counter()
+    mem0 = memory_start(resolve_device(device))
     prep = prepare(
         model, data, pixel_range=pixel_range, mean=mean, std=std, channel_order=channel_order,
         layout=layout, labels_file=labels_file, max_images=max_images, device=device, seed=seed,
-        force=force, output_name=output_name,
+        force=force, output_name=output_name, resize=resize, load_progress=load_progress,
     )
     t_prep = time.perf_counter() - t0
     cfg = preset(schedule) if isinstance(schedule, str) else schedule
@@ -491,6 +527,10 @@ def scan(
     if chunk_runner is not None:
         report.device = str(getattr(chunk_runner, "device_name", report.device))
     report.timings = {"prepare": t_prep, "reverse": t_rev, "restarts": t_confirm, "total": time.perf_counter() - t0}
+    report.memory = {
+        **memory_peak(prep.device, mem0),
+        "plan": memory_plan(prep.pixel_model, prep.x, cfg, prep.device).to_dict(),
+    }
     report.elapsed_seconds = time.perf_counter() - t0
     return report
 
@@ -718,6 +758,7 @@ def build_report(
         paper_flagged=[labs[i] for i in paper.flagged if labs[i] not in screened],
         score_center=d.center,
         score_scale=d.scale,
+        resize=dict(prep.resize),
     )
 
 
