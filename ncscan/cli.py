@@ -71,6 +71,11 @@ from .errors import NcscanError
 
 COMMANDS = ("scan", "scan-many", "patch", "export", "version")
 
+
+class Resize(str, Enum):
+    squash = "squash"
+    shorter_crop = "shorter-crop"
+
 app = typer.Typer(
     name="ncscan",
     help="Find and patch backdoors in ONNX image classifiers (Neural Cleanse).",
@@ -98,7 +103,9 @@ def scan_cmd(
     device: DeviceOpt = Device.auto,
     fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table (human, stderr), json or sarif (stdout unless --output). Default: from --output's extension, else table.", case_sensitive=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report to this file (atomically).")] = None,
-    triggers: Annotated[Optional[Path], typer.Option("--triggers", help="Write mask/pattern/trigger PNGs and .npz for every label into this directory.")] = None,
+    triggers: Annotated[Optional[Path], typer.Option("--triggers", help="Write mask/pattern/trigger PNGs (enlarged to about 224 px) and .npz into this directory: every label up to 30 labels, else the flagged/borderline labels and the top suspects (--all-labels: every label).")] = None,
+    all_labels: Annotated[bool, typer.Option("--all-labels", help="Every label in the table and in --triggers (default above 30 labels: flagged/borderline labels, the 10 smallest triggers and a summary line; JSON always has every label).")] = False,
+    resize: Annotated[Optional[Resize], typer.Option("--resize", help="How images of another size reach the input size: squash (resize directly) or shorter-crop (shorter side to the input size, then centre crop, like torchvision's eval transforms). Default: model metadata ncscan.resize, else squash.", case_sensitive=False)] = None,
     schedule: ScheduleOpt = Schedule.fast,
     max_steps: MaxStepsOpt = None,
     batch_size: BatchSizeOpt = None,
@@ -130,48 +137,86 @@ def scan_cmd(
         prescreen=prescreen, force=force,
     )
     backend = connect_ray(ray)  # before any work: a bad address fails in seconds
-    with _scan_progress(err, not quiet) as on_progress:
+    with _scan_progress(err, not quiet) as (on_progress, on_load):
         try:
             report = scan(model, data, **kwargs, output_name=output_name, progress=on_progress,
-                          runner=backend.runner if backend is not None else None)
+                          runner=backend.runner if backend is not None else None,
+                          resize=resize.value if resize is not None else None, load_progress=on_load)
         finally:
             if backend is not None:
                 backend.close()
-    _write_scan_outputs(report, fmt, output, triggers, err, quiet)
+    _write_scan_outputs(report, fmt, output, triggers, err, quiet, all_labels)
     return verdict_exit(report.verdict, exit_zero)
 
 
 @contextmanager
-def _scan_progress(err: Any, enabled: bool) -> Iterator[Callable[[Any], None]]:
-    """A progress callback for `scan` that drives a rich bar on a terminal (a no-op elsewhere)."""
-    bar = progress_bar(err, enabled)
-    if bar is None:
-        yield lambda p: None
+def _scan_progress(
+    err: Any, enabled: bool
+) -> Iterator[tuple[Callable[[Any], None], Callable[[int, int], None]]]:
+    """Progress callbacks for `scan` (reversal steps; images decoded) that drive rich bars
+    on a terminal (no-ops elsewhere): a loading bar while images are decoded, then the
+    reversal bar from the first optimisation step."""
+    if progress_bar(err, enabled) is None:
+        yield (lambda p: None), (lambda done, total: None)
         return
-    bar.start()
-    task = bar.add_task("scan", total=None, step=0, active=0)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bars: dict[str, tuple[Any, Any]] = {}
+
+    def on_load(done: int, total: int) -> None:
+        if "load" not in bars:
+            bar = Progress(TextColumn("loading images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                           TimeRemainingColumn(), console=err, transient=True)
+            bar.start()
+            bars["load"] = (bar, bar.add_task("load", total=total))
+        bar, task = bars["load"]
+        bar.update(task, completed=done, total=total)
+        if done >= total:
+            bar.stop()
+
+    def on_scan(p: Any) -> None:
+        if "load" in bars:
+            bars.pop("load")[0].stop()
+        if "scan" not in bars:
+            bar = progress_bar(err, enabled)
+            bar.start()
+            bars["scan"] = (bar, bar.add_task("scan", total=None, step=0, active=0))
+        bar, task = bars["scan"]
+        bar.update(task, total=p.labels_total, completed=p.labels_done, step=p.step, active=p.active)
+
     try:
-        yield lambda p: bar.update(task, total=p.labels_total, completed=p.labels_done, step=p.step, active=p.active)
+        yield on_scan, on_load
     finally:
-        bar.stop()
+        for bar, _task in bars.values():
+            bar.stop()
 
 
-def _write_scan_outputs(report: Any, fmt: Format, output: Optional[Path], triggers: Optional[Path], err: Any, quiet: bool) -> None:
+def _write_scan_outputs(
+    report: Any, fmt: Format, output: Optional[Path], triggers: Optional[Path], err: Any, quiet: bool,
+    all_labels: bool = False,
+) -> None:
     """Trigger images, the report file or stdout document, and the human view on stderr."""
     from .report import render_table, render_verdict, report_json, sarif_text, write_triggers
 
     if triggers is not None:
-        write_triggers(report, triggers)
+        write_triggers(report, triggers, all_labels=all_labels)
     if fmt == Format.table:
         if output is not None:
-            write_rendered(output, lambda c: render_table(report, c), width=120)
-        render_table(report, err)
+            write_rendered(output, lambda c: render_table(report, c, all_labels=all_labels), width=120)
+        render_table(report, err, all_labels=all_labels)
         return
     emit(report_json(report) if fmt == Format.json else sarif_text(report), output)
     if quiet:
         return
     if output is not None or err.is_terminal:
-        render_table(report, err)
+        render_table(report, err, all_labels=all_labels)
     else:  # a CI log: the warnings and the one-line verdict, not the whole table
         for w in report.warnings:
             err.print(f"warning: {w}")

@@ -432,3 +432,35 @@ def test_resnet50_224_scan_within_8gb(tmp_path: Path) -> None:
     mem = json.loads(out.stdout.strip().splitlines()[-1])
     assert mem["peak_rss_mb"] < 8 * 1024
     assert mem["plan"]["train_images_per_pass"] < 32  # a label's 32 images were split
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_resize_all_labels_and_trigger_selection(tmp_path: Path) -> None:
+    """Through the entry point: a 40-label model's table is cut to the suspects with a summary
+    line unless --all-labels; --triggers writes the same selection; --resize reaches the data."""
+    from ncscan.cli import run
+
+    model = linear_classifier(tmp_path / "m.onnx", c=3, h=28, w=28, classes=40)
+    d = tmp_path / "imgs"
+    from PIL import Image
+
+    d.mkdir()
+    for i in range(12):
+        Image.fromarray(_photo(40, 60, seed=i)).save(d / f"{i}.png")
+    common = [str(model), "--data", str(d), "--max-steps", "1", "--device", "cpu", "--force",
+              "--exit-zero", "--quiet", "--resize", "shorter-crop"]
+    assert run([*common, "-o", str(tmp_path / "short.txt"), "--triggers", str(tmp_path / "t")]) == 0
+    short = (tmp_path / "short.txt").read_text()
+    assert "more label(s) not shown" in short and "--all-labels" in short
+    written = len(list((tmp_path / "t").glob("label_*.npz")))
+    assert 1 <= written < 40
+    assert json.loads((tmp_path / "t" / "index.json").read_text())["omitted_labels"] == 40 - written
+    assert run([*common, "--all-labels", "-o", str(tmp_path / "all.txt"), "--triggers", str(tmp_path / "ta")]) == 0
+    assert "not shown" not in (tmp_path / "all.txt").read_text()
+    assert len(list((tmp_path / "ta").glob("label_*.npz"))) == 40
+    assert run([*common, "-o", str(tmp_path / "r.json")]) == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["resize"] == {"mode": "shorter-crop", "source": "flag"} and len(rep["labels"]) == 40
+    assert any("centre crop" in w for w in rep["warnings"])
