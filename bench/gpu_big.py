@@ -8,7 +8,7 @@ git-ignored bench/.gpu/wheels, fetched here with `pip download --no-deps onnx2to
 
     # device.run, carry ["bench/.gpu/wheels"], timeout_s 600:
     python3 -m pip install -q --no-deps bench/.gpu/wheels/onnx2torch-*.whl && \\
-      PYTHONPATH=. python3 bench/gpu_big.py run --out $OUT --budget-s 500
+      PYTHONPATH=. python3 bench/gpu_big.py run --out $OUT --budget-s 540
     # back here, with the JSON that came back:
     python bench/gpu_big.py report DIR/gpu_big.json        # -> section in bench/gpu.md
 
@@ -119,22 +119,39 @@ def _one(
         f"{k}_{m}": round(v * row["ms_per_pass"] / 1000.0, 1)
         for (k, m), v in MEASURED_PASSES.items()
     }
-    if time.perf_counter() > t_end:
-        row["scan"] = "skipped: budget spent"
+    # Fit the capped scan into what is left of the budget. Pre-screening's stage 1 runs
+    # every label for ncscan.prescreen.STEPS (20) steps of mini_batches x batch/2 passes,
+    # ~1.5k passes a label, 1.5M at 1,000 labels: more than a 10-minute device call holds
+    # for ResNet-50, so this capped run lowers STEPS to the step cap too (recorded). One
+    # step of every label costs mini_batches x batch/2 passes, x1.5 for stage 2 and checks.
+    base = preset("fast")
+    per_step = args.classes * base.mini_batches * max(8, base.batch_size // 2)
+    step_s = per_step * row["ms_per_pass"] / 1000.0 * 1.5
+    left = t_end - time.perf_counter()
+    steps = min(args.max_steps, int(left // step_s)) if step_s > 0 else args.max_steps
+    row["scan_step_estimate_s"] = round(step_s, 1)
+    if steps < 1:
+        row["scan"] = f"skipped: one step of every label (~{step_s:.0f} s) exceeds the budget left"
         return row
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    cfg = dataclasses.replace(preset("fast"), max_steps=args.max_steps)
+    cfg = dataclasses.replace(base, max_steps=steps)
+    import ncscan.prescreen
+
+    stage1_default = ncscan.prescreen.STEPS
+    ncscan.prescreen.STEPS = min(stage1_default, steps)
+    row["prescreen_stage1_steps"] = ncscan.prescreen.STEPS
     t1 = time.perf_counter()
     rep = scan(path, data, device=device, prescreen=args.prescreen, schedule=cfg,
                max_images=args.max_images, seed=0, force=True)  # fmt: skip
+    ncscan.prescreen.STEPS = stage1_default
     row["scan_wall_s"] = round(time.perf_counter() - t1, 1)
     row["scan_passes"] = rep.passes
     row["scan_timings_s"] = {k: round(v, 1) for k, v in rep.timings.items()}
     row["scan_memory"] = rep.memory
     row["scan_verdict"] = rep.verdict
     row["scan_flagged"] = len(rep.flagged)
-    row["scan_max_steps"] = args.max_steps
+    row["scan_max_steps"] = steps
     row["scan_images"] = rep.n_images
     row["prescreen"] = args.prescreen
     opt_s = rep.timings.get("reverse", 0.0) + rep.timings.get("restarts", 0.0)
@@ -171,9 +188,12 @@ def run(args: argparse.Namespace) -> None:
     res: dict[str, Any] = {"env": env, "rows": []}
     t_end = time.perf_counter() + args.budget_s
     with tempfile.TemporaryDirectory(prefix="ncscan-gpu-big-") as td:
-        for arch in args.archs.split(","):
+        archs = args.archs.split(",")
+        for i, arch in enumerate(archs):
+            # each model gets an equal share of what is left (its setup included)
+            share_end = time.perf_counter() + (t_end - time.perf_counter()) / (len(archs) - i)
             try:
-                row = _one(arch, args, device, Path(td), t_end)
+                row = _one(arch, args, device, Path(td), share_end)
             except Exception as e:  # noqa: BLE001 - recorded, the next model still runs
                 row = {"arch": arch, "error": f"{type(e).__name__}: {e}"}
             res["rows"].append(row)
@@ -198,7 +218,8 @@ def report(args: argparse.Namespace) -> None:
         + f". Command: `{env['command']}`.",
         "",
         (
-            "Scans are capped (`max_steps`) to fit the device budget, so their verdicts mean "
+            "Scans are capped to fit the device budget (steps per label and pre-screening's "
+            "stage-1 steps both lowered to the cap recorded in gpu_big.json), so their verdicts mean "
             "nothing (random weights, random images); the figures are wall time, passes, memory "
             "and stage times. Projection: measured passes of complete default scans "
             "(bench/arch.py MEASURED_PASSES) x seconds per pass."
@@ -249,10 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--archs", default="resnet50,vit_b_16")
     r.add_argument("--classes", type=int, default=1000)
     r.add_argument("--max-images", type=int, default=256)
-    r.add_argument("--max-steps", type=int, default=10, help="cap on steps per label (budget)")
+    r.add_argument("--max-steps", type=int, default=3, help="cap on steps per label (budget)")
     r.add_argument("--prescreen", default="on", choices=("on", "off", "auto"))
     r.add_argument("--pass-batch", type=int, default=64)
-    r.add_argument("--budget-s", type=float, default=500, help="no new scan starts after this")
+    r.add_argument("--budget-s", type=float, default=540, help="seconds for the whole run")
     q = sub.add_parser("report")
     q.add_argument("json")
     args = ap.parse_args(argv)
