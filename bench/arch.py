@@ -328,6 +328,8 @@ def write_report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
             f"{r.get('export_s', '')} | NO: {r.get('error', '')} | | | | | | | "
             f"{r.get('peak_rss_mb', '')} |"
         )
+    for note in meta.get("notes", []):
+        lines += ["", note]
     if any(r.get("rerun") for r in rows):
         lines += [
             "",
@@ -361,7 +363,8 @@ def write_report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
             "The projection assumes a 224 px scan needs as many passes per label as these "
             "28-32 px scans did; no 224 px scan ran to convergence here, so that is unmeasured "
             "(a 50,176-pixel mask may need more steps). The small scans above count their "
-            "passes the same way: 3 labels x 1 step x 1 mini-batch x 2 images = 6. ms/pass is "
+            "passes the same way: 3 labels x 1 step x 1 mini-batch x 2 images = 6 (ViT-B/16 "
+            "counted 7; not investigated). ms/pass is "
             "from the dynamo export (the legacy export converts to the same torch ops) and was "
             "taken under heavy contention (see above): on an idle 2-core box expect several "
             "times less (issue #17 saw 31-201 s for ~80 passes, 0.4-2.5 s per pass)."
@@ -419,6 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("logs", nargs="+", type=Path, help="later logs replace earlier rows")
     r.add_argument("--command", required=True, help="the command(s) that printed the logs")
     r.add_argument("--load", default="", help="load averages seen during the run")
+    r.add_argument("--note", action="append", default=[], help="a paragraph under the table")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     if args.cmd == "report":
@@ -430,6 +434,10 @@ def main(argv: list[str] | None = None) -> None:
                     key = (row["arch"], row["exporter"])
                     if i and key in by_key:
                         row["rerun"] = f"fields of this row re-measured by {log.name}"
+                        # the first run's peak RSS covers its scan; a re-run without one
+                        # would understate it
+                        for k in ("peak_rss_mb", "rss_after_convert_mb"):
+                            row.pop(k, None)
                     # a later log's fields replace the earlier ones; the others are kept
                     by_key[key] = {**by_key.get(key, {}), **row}
         rows = sorted(by_key.values(), key=lambda r: (ARCHS.index(r["arch"]), r["exporter"]))
@@ -442,6 +450,7 @@ def main(argv: list[str] | None = None) -> None:
             "load_before": args.load,
             "load_after": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
             "torch": torch.__version__,
+            "notes": args.note,
         })  # fmt: skip
         return
     if args.cmd == "one":
