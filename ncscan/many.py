@@ -272,9 +272,9 @@ def combined_dict(outcomes: Sequence[ModelOutcome], *, ray: str | None = None, e
 
 
 def combined_json(outcomes: Sequence[ModelOutcome], **kw: Any) -> str:
-    from .report import _clean_nans
+    from .report import json_safe
 
-    return json.dumps(_clean_nans(combined_dict(outcomes, **kw)), indent=2) + "\n"
+    return json.dumps(json_safe(combined_dict(outcomes, **kw)), indent=2) + "\n"
 
 
 def combined_sarif(outcomes: Sequence[ModelOutcome]) -> dict[str, Any]:
@@ -313,15 +313,9 @@ def combined_sarif(outcomes: Sequence[ModelOutcome]) -> dict[str, Any]:
 
 
 def _empty_run() -> dict[str, Any]:
-    from .report import RULE_ID
+    from .report import sarif_driver
 
-    return {
-        "tool": {"driver": {"name": "ncscan", "version": __version__, "semanticVersion": __version__,
-                            "informationUri": "https://github.com/ncscan/ncscan",
-                            "rules": [{"id": RULE_ID, "name": "NeuralCleanseBackdoor",
-                                       "shortDescription": {"text": "Model label with an abnormally small trigger (backdoor)"}}]}},
-        "results": [],
-    }
+    return {"tool": {"driver": sarif_driver()}, "results": []}
 
 
 def _uri(path: str) -> str:
@@ -330,9 +324,9 @@ def _uri(path: str) -> str:
 
 
 def combined_sarif_text(outcomes: Sequence[ModelOutcome]) -> str:
-    from .report import _clean_nans
+    from .report import json_safe
 
-    return json.dumps(_clean_nans(combined_sarif(outcomes)), indent=2) + "\n"
+    return json.dumps(json_safe(combined_sarif(outcomes)), indent=2) + "\n"
 
 
 def report_names(outcomes: Sequence[ModelOutcome]) -> list[str]:

@@ -80,26 +80,62 @@ def summarize_rest(report: ScanReport, shown: list[LabelResult]) -> str | None:
     )
 
 
-def _clean_nans(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """The object with every non-finite float as None (JSON has no NaN or infinity)."""
     if isinstance(obj, float):
         return obj if np.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _clean_nans(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_clean_nans(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
 def report_json(report: ScanReport) -> str:
     """The JSON report as text (NaN -> null)."""
-    return json.dumps(_clean_nans(report.to_dict()), indent=2) + "\n"
+    return json.dumps(json_safe(report.to_dict()), indent=2) + "\n"
+
+
+def sarif_driver() -> dict[str, Any]:
+    """SARIF's tool.driver: ncscan and its one rule (the scan's log and scan-many's share it)."""
+    return {
+        "name": "ncscan",
+        "version": __version__,
+        "semanticVersion": __version__,
+        "informationUri": "https://github.com/ncscan/ncscan",
+        "rules": [
+            {
+                "id": RULE_ID,
+                "name": "NeuralCleanseBackdoor",
+                "shortDescription": {"text": "Model label with an abnormally small trigger (backdoor)"},
+                "fullDescription": {
+                    "text": (
+                        "Neural Cleanse reverse-engineers the smallest input patch that "
+                        "sends clean images to each label. A label whose patch is an "
+                        "outlier on the small side (log-size score above the threshold "
+                        "and its band, confirmed by restarts) is likely the target of a "
+                        "backdoor trigger."
+                    )
+                },
+                "help": {
+                    "text": "Inspect the reversed trigger (ncscan --triggers DIR) and mitigate "
+                    "with `ncscan patch --unlearn`, or retrain from trusted data."
+                },
+                "defaultConfiguration": {"level": "error"},
+                "properties": {
+                    "security-severity": "8.8",
+                    "tags": ["security", "machine-learning", "backdoor"],
+                    "precision": "medium",
+                },
+            }
+        ],
+    }
 
 
 def to_sarif(report: ScanReport, model_uri: str | None = None) -> dict[str, Any]:
     """SARIF 2.1.0 log: one result per flagged label, accepted by GitHub code scanning."""
     uri = (model_uri or report.model).replace(os.sep, "/")
-    if uri.startswith("./"):
-        uri = uri[2:]
+    uri = uri.removeprefix("./")
     results = []
     by = report.by_label
     for lab in report.flagged:
@@ -147,38 +183,7 @@ def to_sarif(report: ScanReport, model_uri: str | None = None) -> dict[str, Any]
         "runs": [
             {
                 "tool": {
-                    "driver": {
-                        "name": "ncscan",
-                        "version": __version__,
-                        "semanticVersion": __version__,
-                        "informationUri": "https://github.com/ncscan/ncscan",
-                        "rules": [
-                            {
-                                "id": RULE_ID,
-                                "name": "NeuralCleanseBackdoor",
-                                "shortDescription": {"text": "Model label with an abnormally small trigger (backdoor)"},
-                                "fullDescription": {
-                                    "text": (
-                                        "Neural Cleanse reverse-engineers the smallest input patch that "
-                                        "sends clean images to each label. A label whose patch is an "
-                                        "outlier on the small side (log-size score above the threshold "
-                                        "and its band, confirmed by restarts) is likely the target of a "
-                                        "backdoor trigger."
-                                    )
-                                },
-                                "help": {
-                                    "text": "Inspect the reversed trigger (ncscan --triggers DIR) and mitigate "
-                                    "with `ncscan patch --unlearn`, or retrain from trusted data."
-                                },
-                                "defaultConfiguration": {"level": "error"},
-                                "properties": {
-                                    "security-severity": "8.8",
-                                    "tags": ["security", "machine-learning", "backdoor"],
-                                    "precision": "medium",
-                                },
-                            }
-                        ],
-                    }
+                    "driver": sarif_driver(),
                 },
                 "results": results,
                 "properties": {
@@ -193,7 +198,7 @@ def to_sarif(report: ScanReport, model_uri: str | None = None) -> dict[str, Any]
 
 
 def sarif_text(report: ScanReport, model_uri: str | None = None) -> str:
-    return json.dumps(_clean_nans(to_sarif(report, model_uri)), indent=2) + "\n"
+    return json.dumps(json_safe(to_sarif(report, model_uri)), indent=2) + "\n"
 
 
 # ------------------------------------------------------------------ images
@@ -206,7 +211,7 @@ def trigger_images(r: LabelResult) -> dict[str, np.ndarray]:
     if p.shape[2] == 4:
         p = p[:, :, :3]
     stamp = m[:, :, None] * p
-    to8 = lambda a: np.clip(a * 255 + 0.5, 0, 255).astype(np.uint8)  # noqa: E731
+    to8 = lambda a: np.clip(a * 255 + 0.5, 0, 255).astype(np.uint8)
     return {"mask": to8(m), "pattern": to8(p), "trigger": to8(stamp)}
 
 

@@ -25,6 +25,10 @@ from .preprocess import (
     resize_from_metadata,
     resolve_preprocess,
 )
+from .prescreen import ASR_IMAGES as PRESCREEN_ASR_IMAGES
+from .prescreen import prescreened
+from .prescreen import applies as prescreen_applies
+from .prescreen import unused_note as prescreen_unused_note
 from .reverse import (
     ChunkRunner,
     LabelTrace,
@@ -300,15 +304,7 @@ def prepare(
     dev = resolve_device(device)
     om = load_onnx(model, layout=layout.upper() if layout else None, output_name=output_name)
     ch = om.input.channels
-    overrides: dict[str, Any] = {
-        "pixel_range": tuple(float(v) for v in pixel_range) if pixel_range is not None else None,
-        "mean": tuple(float(v) for v in mean) if mean is not None else None,
-        "std": tuple(float(v) for v in std) if std is not None else None,
-        "channel_order": channel_order.upper() if channel_order else None,
-        "layout": om.input.layout if layout else None,
-    }
-    if overrides["pixel_range"] is not None and len(overrides["pixel_range"]) != 2:
-        raise ConfigError("--pixel-range takes two numbers lo,hi (e.g. 0,255)")
+    overrides = _overrides(om, pixel_range, mean, std, channel_order, layout)
     pp, src = resolve_preprocess(om.metadata, om.input.layout, overrides)
     if om.layout_source == "metadata":
         src["layout"] = "metadata"
@@ -320,23 +316,66 @@ def prepare(
         ds = data
     else:
         ds = load_data(
-            data,
-            channels=ch,
-            size=(om.input.height, om.input.width),
-            labels_file=labels_file,
-            max_images=max_images,
-            seed=seed,
-            resize=fit,
-            progress=load_progress,
+            data, channels=ch, size=(om.input.height, om.input.width), labels_file=labels_file,
+            max_images=max_images, seed=seed, resize=fit, progress=load_progress,
         )
     warnings = list(om.warnings) + list(ds.warnings)
     x = ds.tensor()
     torch.manual_seed(seed)
     net = convert(om)
-    # Outputs: run onnxruntime on a few images to learn the class count and the kind.
+    pm, k, parity = _checked_pixel_model(om, net, pp, x, rtol)
+    if k == 2:
+        warnings.append("the model has only 2 classes: the outlier test has almost no power")
+    y = torch.from_numpy(ds.y) if ds.y is not None else None
+    check_labels(ds.y, k, str(ds.source))
+    pm = pm.to(dev)
+    # Wrong preprocessing makes any verdict meaningless: check it before optimising.
+    meta_pp = preprocess_from_metadata(om.metadata)
+    warnings += sanity.metadata_overrides(
+        {**meta_pp, **({"resize": meta_resize} if meta_resize else {})}, {**overrides, "resize": resize}
+    )
+    scores = _scores(pm, x, dev)
+    acc = None if y is None else float((scores.argmax(1) == ds.y).mean())
+    check = _check_preprocessing(om, net, pp, src, meta_pp, pm, x, ds, scores, seed, dev)
+    warnings += check.warnings
+    doubt: str | None = None
+    if check.stop is not None:
+        if not force:
+            raise DataError(check.stop)
+        warnings.append(check.stop.replace("; or pass --force to scan anyway", "") + " (--force: scanned anyway)")
+        doubt = check.stop
+    return Prepared(
+        onnx=om, preprocess=pp, preprocess_source=src, pixel_model=pm, data=ds, x=x, y=y, num_classes=k,
+        output="probabilities" if pm.output_is_prob else "logits", parity=parity, device=dev,
+        warnings=warnings, clean_accuracy=acc, doubt=doubt, resize={"mode": fit, "source": fit_src},
+    )
+
+
+def _overrides(
+    om: OnnxModel, pixel_range: Sequence[float] | None, mean: Sequence[float] | None,
+    std: Sequence[float] | None, channel_order: str | None, layout: str | None,
+) -> dict[str, Any]:
+    """The user's preprocessing flags, normalised (None: not given)."""
+    overrides: dict[str, Any] = {
+        "pixel_range": tuple(float(v) for v in pixel_range) if pixel_range is not None else None,
+        "mean": tuple(float(v) for v in mean) if mean is not None else None,
+        "std": tuple(float(v) for v in std) if std is not None else None,
+        "channel_order": channel_order.upper() if channel_order else None,
+        "layout": om.input.layout if layout else None,
+    }
+    if overrides["pixel_range"] is not None and len(overrides["pixel_range"]) != 2:
+        raise ConfigError("--pixel-range takes two numbers lo,hi (e.g. 0,255)")
+    return overrides
+
+
+def _checked_pixel_model(
+    om: OnnxModel, net: torch.nn.Module, pp: Preprocess, x: torch.Tensor, rtol: float
+) -> tuple[PixelModel, int, Parity]:
+    """The pixel-space model, its class count, and its parity with onnxruntime. onnxruntime's
+    outputs on a few images tell the class count and whether the output is probabilities."""
+    ch = om.input.channels
     sess = ort_session(om)
-    probe = PixelModel(net, pp, ch)
-    xin = probe.to_model_input(x[:PARITY_IMAGES]).numpy()
+    xin = PixelModel(net, pp, ch).to_model_input(x[:PARITY_IMAGES]).numpy()
     ref = ort_run(sess, om, xin)
     k = int(ref.shape[1])
     if k < 2:
@@ -352,52 +391,26 @@ def prepare(
         xin,
         rtol=rtol,
     )
-    if k == 2:
-        warnings.append("the model has only 2 classes: the outlier test has almost no power")
-    y = torch.from_numpy(ds.y) if ds.y is not None else None
-    check_labels(ds.y, k, str(ds.source))
-    pm = pm.to(dev)
-    # Wrong preprocessing makes any verdict meaningless: check it before optimising.
-    doubt: str | None = None
-    meta_pp = preprocess_from_metadata(om.metadata)
-    warnings += sanity.metadata_overrides(
-        {**meta_pp, **({"resize": meta_resize} if meta_resize else {})}, {**overrides, "resize": resize}
-    )
-    scores = _scores(pm, x, dev)
-    acc = None if y is None else float((scores.argmax(1) == ds.y).mean())
+    return pm, k, parity
+
+
+def _check_preprocessing(
+    om: OnnxModel, net: torch.nn.Module, pp: Preprocess, src: dict[str, str], meta_pp: dict[str, Any],
+    pm: PixelModel, x: torch.Tensor, ds: Dataset, scores: np.ndarray, seed: int, dev: torch.device,
+) -> Any:
+    """ncscan.sanity's check of the preprocessing: the model's scores under the setting in use
+    against plausible alternatives (scored on a few images each)."""
+    ch = om.input.channels
 
     def score_with(changes: dict[str, Any], idx: np.ndarray) -> np.ndarray:
-        alt = PixelModel(net, replace(pp, **changes), ch, output_is_prob=is_prob,
+        alt = PixelModel(net, replace(pp, **changes), ch, output_is_prob=pm.output_is_prob,
                          static_batch_one=om.input.batch == 1).to(dev)
         return _scores(alt, x[torch.from_numpy(idx)], dev)
 
-    check = sanity.check_preprocessing(
+    return sanity.check_preprocessing(
         scores, ds.y, score_with,
         sanity.candidates(pp.pixel_range, pp.mean, pp.std, pp.channel_order, ch),
         setting=sanity.describe_setting(pp, src, meta_pp), class_names=ds.class_names, seed=seed,
-    )
-    warnings += check.warnings
-    if check.stop is not None:
-        if not force:
-            raise DataError(check.stop)
-        warnings.append(check.stop.replace("; or pass --force to scan anyway", "") + " (--force: scanned anyway)")
-        doubt = check.stop
-    return Prepared(
-        onnx=om,
-        preprocess=pp,
-        preprocess_source=src,
-        pixel_model=pm,
-        data=ds,
-        x=x,
-        y=y,
-        num_classes=k,
-        output="probabilities" if is_prob else "logits",
-        parity=parity,
-        device=dev,
-        warnings=warnings,
-        clean_accuracy=acc,
-        doubt=doubt,
-        resize={"mode": fit, "source": fit_src},
     )
 
 
@@ -465,11 +478,7 @@ def scan(
     Raises:
         NcscanError subclasses for user mistakes.
     """
-    dcfg = decision or DecideConfig()
-    if threshold is not None:
-        if not (threshold > 0):
-            raise ConfigError(f"--threshold must be positive, got {threshold}")
-        dcfg = replace(dcfg, threshold=float(threshold))
+    dcfg = _decision_config(decision, threshold)
     t0 = time.perf_counter()
     mem0 = memory_start(resolve_device(device))
     prep = prepare(
@@ -479,51 +488,26 @@ def scan(
     )
     t_prep = time.perf_counter() - t0
     cfg = preset(schedule) if isinstance(schedule, str) else schedule
-    k = prep.num_classes
-    todo = list(range(k)) if labels is None else sorted(set(int(v) for v in labels))
-    bad = [v for v in todo if v < 0 or v >= k]
-    if bad:
-        raise ConfigError(f"--label {bad[0]} is out of range; the model has {k} classes (0..{k - 1})")
+    todo = _labels_to_reverse(prep.num_classes, labels)
     torch.manual_seed(seed)
-    t1 = time.perf_counter()
-    if prescreen not in ("auto", "on", "off"):
-        raise ConfigError(f"--prescreen must be auto, on or off, got {prescreen!r}")
-    use_screen = prescreen == "on" or (prescreen == "auto" and len(todo) > PRESCREEN_AUTO_MIN)
-    reference: set[int] | None = None
-    screened: set[int] = set()
     chunk_runner = runner(prep) if runner is not None else None
-    if use_screen and len(todo) > PRESCREEN_SAMPLE + PRESCREEN_KEEP_MIN:
-        traces, passes, reference, screened = _prescreened(
-            prep, todo, cfg, seed, progress, should_stop, runner=chunk_runner
-        )
-    else:
-        traces, info = reverse_engineer(
-            prep.pixel_model, prep.x, prep.y, todo, cfg, seed=seed, device=prep.device,
-            progress=progress, should_stop=should_stop, runner=chunk_runner,
-        )
-        passes = int(info["passes"])
+    run = dict(progress=progress, should_stop=should_stop, runner=chunk_runner)
+    t1 = time.perf_counter()
+    first = _first_runs(prep, todo, cfg, seed, prescreen, **run)
     t_rev = time.perf_counter() - t1
     runs, extra = _restarts(
-        prep, todo, traces, cfg, dcfg, seed, progress, should_stop,
-        runner=chunk_runner, reference=reference, screened=screened,
+        prep, todo, first.traces, cfg, dcfg, seed, **run,
+        reference=first.reference, screened=first.screened_out,
     )
-    passes += extra
     t_confirm = time.perf_counter() - t1 - t_rev
-    traces = [_size_run(runs[t], dcfg.size_of_runs) for t in todo]
-    asr = attack_success(
-        prep.pixel_model, prep.x, prep.y, {tr.label: tr.trigger for tr in traces if tr.label not in screened},
-        device=prep.device,
-    )
-    # Screened-out labels only have a provisional trigger; measuring it on every image would
-    # cost as much as their whole stage-1 run, so a fixed subset is used.
-    asr.update(attack_success(
-        prep.pixel_model, prep.x, prep.y, {tr.label: tr.trigger for tr in traces if tr.label in screened},
-        device=prep.device, max_images=PRESCREEN_ASR_IMAGES,
-    ))
+    asr = _attack_success(prep, [_size_run(runs[t], dcfg.size_of_runs) for t in todo], first.screened_out)
     report = build_report(
-        prep, [runs[t] for t in todo], asr, dcfg=dcfg, seed=seed, cfg=cfg, reference=reference, screened=screened
+        prep, [runs[t] for t in todo], asr, dcfg=dcfg, seed=seed, cfg=cfg,
+        reference=first.reference, screened=first.screened_out,
     )
-    report.passes = passes
+    report.passes = first.passes + extra
+    if prescreen == "on" and first.reference is None:
+        report.warnings.append(prescreen_unused_note(len(todo)))
     if chunk_runner is not None:
         report.device = str(getattr(chunk_runner, "device_name", report.device))
     report.timings = {"prepare": t_prep, "reverse": t_rev, "restarts": t_confirm, "total": time.perf_counter() - t0}
@@ -533,6 +517,55 @@ def scan(
     }
     report.elapsed_seconds = time.perf_counter() - t0
     return report
+
+
+def _decision_config(decision: DecideConfig | None, threshold: float | None) -> DecideConfig:
+    """The decision's constants, with --threshold (when given) as the decision line."""
+    dcfg = decision or DecideConfig()
+    if threshold is None:
+        return dcfg
+    if not (threshold > 0):
+        raise ConfigError(f"--threshold must be positive, got {threshold}")
+    return replace(dcfg, threshold=float(threshold))
+
+
+def _labels_to_reverse(k: int, labels: Sequence[int] | None) -> list[int]:
+    todo = list(range(k)) if labels is None else sorted(set(int(v) for v in labels))
+    bad = [v for v in todo if v < 0 or v >= k]
+    if bad:
+        raise ConfigError(f"--label {bad[0]} is out of range; the model has {k} classes (0..{k - 1})")
+    return todo
+
+
+@dataclass
+class _FirstRuns:
+    traces: list[LabelTrace]
+    passes: int
+    reference: set[int] | None = None  # the pre-screening sample that sets the statistics
+    screened_out: set[int] = field(default_factory=set)
+
+
+def _first_runs(
+    prep: Prepared, todo: list[int], cfg: ReverseConfig, seed: int, prescreen: str, **run: Any
+) -> _FirstRuns:
+    """One run per label: pre-screened (many labels) or every label fully optimised."""
+    if prescreen_applies(prescreen, len(todo)):
+        sc = prescreened(prep.pixel_model, prep.x, prep.y, todo, cfg, seed=seed, device=prep.device, **run)
+        return _FirstRuns(sc.traces, sc.passes, sc.reference, sc.screened_out)
+    traces, info = reverse_engineer(prep.pixel_model, prep.x, prep.y, todo, cfg, seed=seed, device=prep.device, **run)
+    return _FirstRuns(traces, int(info["passes"]))
+
+
+def _attack_success(prep: Prepared, traces: list[LabelTrace], screened: set[int]) -> dict[int, float]:
+    """Each label's trigger's attack success on the scan images. Screened-out labels only have
+    a provisional trigger; measuring it on every image would cost as much as their whole
+    stage-1 run, so a fixed subset is used."""
+    full = {tr.label: tr.trigger for tr in traces if tr.label not in screened}
+    asr = attack_success(prep.pixel_model, prep.x, prep.y, full, device=prep.device)
+    part = {tr.label: tr.trigger for tr in traces if tr.label in screened}
+    asr.update(attack_success(prep.pixel_model, prep.x, prep.y, part, device=prep.device,
+                              max_images=PRESCREEN_ASR_IMAGES))
+    return asr
 
 
 def restart_seed(seed: int, round_: int, k: int) -> int:
@@ -602,82 +635,6 @@ def _consistency(runs: list[LabelTrace]) -> float | None:
         for i, a in enumerate(ms) for b in ms[i + 1:]
     ]
     return float(np.mean(sims))
-
-
-PRESCREEN_AUTO_MIN = 64
-PRESCREEN_STEPS = 20
-PRESCREEN_VERIFY_IMAGES = 64
-PRESCREEN_ASR_IMAGES = 256
-PRESCREEN_KEEP_MIN = 8
-PRESCREEN_SAMPLE = 24
-PRESCREEN_SAMPLE_FRAC = 0.1
-PRESCREEN_SAMPLE_MAX = 256
-
-
-def prescreen_sample_size(n_labels: int) -> int:
-    """Labels in the unbiased reference sample: 10% of the labels, at least
-    PRESCREEN_SAMPLE and at most PRESCREEN_SAMPLE_MAX. (Measured on a 1,000-class head: a
-    24-label sample's MAD was small enough by chance to flag 43 clean labels.)"""
-    return min(n_labels, max(PRESCREEN_SAMPLE, min(PRESCREEN_SAMPLE_MAX, int(np.ceil(PRESCREEN_SAMPLE_FRAC * n_labels)))))
-
-
-def prescreen_keep_size(n_labels: int) -> int:
-    """Suspects fully optimised after stage 1: the ceil(sqrt(L)) smallest provisional norms,
-    at least PRESCREEN_KEEP_MIN. A real target's stage-1 norm sits far below the clean
-    labels' (0.08-0.39 of the median on the 8 infected fixtures, where the smallest clean
-    label is at 0.48-0.95), so the number of clean labels that can outrank it grows with L
-    but far more slowly; sqrt keeps stage 2 sub-linear (it was 5% of the labels)."""
-    return min(n_labels, max(PRESCREEN_KEEP_MIN, int(np.ceil(np.sqrt(n_labels)))))
-
-
-def _prescreened(
-    prep: Prepared,
-    todo: list[int],
-    cfg: ReverseConfig,
-    seed: int,
-    progress: Callable[[Progress], None] | None,
-    should_stop: Callable[[], bool] | None,
-    *,
-    runner: ChunkRunner | None = None,
-) -> tuple[list[LabelTrace], int, set[int], set[int]]:
-    """Two-stage scheduling for many labels (in the spirit of K-Arm, ICML 2021).
-
-    Stage 1 gives every label a short budget (PRESCREEN_STEPS steps, half the batch, best
-    masks verified on PRESCREEN_VERIFY_IMAGES images instead of the full check). A backdoor
-    target reaches a small working trigger fastest, so it ranks among the smallest
-    provisional norms. Stage 2 fully optimises the prescreen_keep_size(L) smallest plus a
-    seeded random sample (prescreen_sample_size) of labels drawn from ALL labels; that sample
-    alone sets the median and MAD, so the statistics stay unbiased while most labels are
-    never fully optimised. Cost: about 1.5k image passes per label in stage 1 (a full
-    optimisation is 10-25k) plus a stage 2 that grows like sqrt(L) up to the sample cap.
-
-    Returns:
-        (traces for all labels, image passes, the reference sample, labels screened out)
-    """
-    screen_cfg = replace(
-        cfg, max_steps=PRESCREEN_STEPS, batch_size=max(8, cfg.batch_size // 2),
-        verify_images=min(cfg.verify_images, PRESCREEN_VERIFY_IMAGES),
-    )
-    s_traces, s_info = reverse_engineer(
-        prep.pixel_model, prep.x, prep.y, todo, screen_cfg, seed=seed, device=prep.device,
-        progress=progress, should_stop=should_stop, runner=runner,
-    )
-    prov = {tr.label: (tr.trigger.l1 if tr.found else float("inf")) for tr in s_traces}
-    order = sorted(todo, key=lambda t: (prov[t], t))
-    n_keep = prescreen_keep_size(len(todo))
-    suspects = set(order[:n_keep])
-    rng = np.random.default_rng(seed)
-    sample = set(int(v) for v in rng.choice(np.array(todo), size=prescreen_sample_size(len(todo)), replace=False))
-    refine = sorted(suspects | sample)
-    f_traces, f_info = reverse_engineer(
-        prep.pixel_model, prep.x, prep.y, refine, cfg, seed=seed + 1, device=prep.device,
-        progress=progress, should_stop=should_stop, runner=runner,
-    )
-    final = {tr.label: tr for tr in s_traces}
-    for tr in f_traces:
-        final[tr.label] = tr
-    screened = set(todo) - set(refine)
-    return [final[t] for t in todo], int(s_info["passes"]) + int(f_info["passes"]), sample, screened
 
 
 def build_report(

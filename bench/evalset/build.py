@@ -149,7 +149,7 @@ class E:
     """One evaluation model. `spec` is a fixtures Spec (what train/export read)."""
 
     spec: object
-    split: str  # tuning | heldout | oos
+    split: str  # tuning | heldout | heldout2 | oos
     family: str  # mnist | fashion | animal | cmnist | combo30 | thirdparty
     attack: str = "none"  # none|badnets|pattern|trojan|two_targets|all_to_all|blend|large_patch
     arch_kw: dict = field(default_factory=dict)
@@ -301,6 +301,25 @@ def make_specs() -> list[E]:
         S("thirdparty_h_pattern5_br", h, "thirdparty", "digit_recognizer.CNN", 2602, 1, "pattern",
           [pat(G, 6, 5, 22, 22, seed=66)], thirdparty="finetune", lr=5e-4, metadata=True, **mnist_norm,
           notes="the package's pretrained weights fine-tuned on poisoned MNIST (see epochs)"),
+    ]
+    # ================================================================ SECOND HELD-OUT (seeds 4xxx)
+    # Added 2026-12-03 after the first held-out split had been reported and looked at: a fresh,
+    # never-seen split for the next honest measurement of the decision (nothing may be tuned on it).
+    h2 = "heldout2"
+    L += [
+        S("mnist_h2_clean", h2, "mnist", "SmallCNN", 4101, 4, arch_kw=mid,
+          twins=["mnist_h2_pattern6_bl", "mnist_h2_sq3_tm"]),
+        S("mnist_h2_pattern6_bl", h2, "mnist", "SmallCNN", 4102, 4, "pattern", [pat(G, 4, 6, 22, 0, seed=41)],
+          arch_kw=mid),
+        S("mnist_h2_sq3_tm", h2, "mnist", "SmallCNN", 4103, 4, "badnets", [sq(G, 9, 3, 0, 12)], arch_kw=mid,
+          exporter="torch-dynamo"),
+        S("mnist_h2_two_targets", h2, "mnist", "DeepCNN", 4104, 4, "two_targets",
+          [sq(G, 2, 4, 0, 0), pat(G, 7, 5, 23, 23, seed=47)], arch_kw={"hidden": 64}, **mnist_norm),
+        S("fashion_h2_clean", h2, "fashion", "SmallCNN", 4201, 3, twins=["fashion_h2_grey4_tr"], **fash_norm),
+        S("fashion_h2_grey4_tr", h2, "fashion", "SmallCNN", 4202, 3, "pattern",
+          [pat(G, 1, 4, 1, 23, seed=42, binary=False)], **fash_norm),
+        S("animal_h2_clean", h2, "animal", "SmallCNN", 4301, 5, metadata=True, twins=["animal_h2_sq4_bm"]),
+        S("animal_h2_sq4_bm", h2, "animal", "SmallCNN", 4302, 5, "badnets", [sq(G, 5, 4, 23, 12)], metadata=True),
     ]
     # ================================================================ OUT OF SCOPE (seeds 3xxx)
     o = "oos"
@@ -641,7 +660,7 @@ def write_manifest(specs: list[E], entries: dict, t_start: float) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated model names")
-    ap.add_argument("--split", default="", help="tuning, heldout or oos (comma-separated)")
+    ap.add_argument("--split", default="", help="tuning, heldout, heldout2 or oos (comma-separated)")
     ap.add_argument("--force", action="store_true", help="rebuild even when cached")
     ap.add_argument("--list", action="store_true", help="print the model names and exit")
     args = ap.parse_args()
@@ -657,7 +676,7 @@ def main() -> int:
     splits = {s for s in args.split.split(",") if s}
     if unknown := only - {e.name for e in specs}:
         raise SystemExit(f"unknown models: {sorted(unknown)}")
-    if bad := splits - {"tuning", "heldout", "oos"}:
+    if bad := splits - {"tuning", "heldout", "heldout2", "oos"}:
         raise SystemExit(f"unknown splits: {sorted(bad)}")
     todo = [e for e in specs if (not only or e.name in only) and (not splits or e.split in splits)]
     entries: dict = {}
@@ -687,7 +706,7 @@ def main() -> int:
             z = np.load(OUT / t["file"])
             tgt = int(t["target"]) if t["target"] != "all" else -1
             registry[name].append((Trigger(tgt, z["mask"], z["pattern"], t["description"]), t["file"]))
-    order = {"tuning": 0, "heldout": 1, "oos": 2}
+    order = {"tuning": 0, "heldout": 1, "heldout2": 2, "oos": 3}
     pending.sort(key=lambda e: (order[e.split], e.attack == "none"))  # infected before their clean twins
     failed = []
     for e in pending:
