@@ -147,6 +147,7 @@ def _one(arch: str, exporter: str, workdir: Path, *, scan_it: bool) -> dict[str,
 
 
 @pytest.mark.slow
+@pytest.mark.arch
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_architecture_converts_matches_onnxruntime_and_scans(
@@ -226,6 +227,7 @@ def _scan_and_check(path: Path, tmp_path: Path) -> dict[str, Any]:
 
 
 @pytest.mark.adapters
+@pytest.mark.arch
 @pytest.mark.parametrize("app", sorted(KERAS_APPS))
 def test_keras_application_via_tf2onnx_converts_and_scans(app: str, tmp_path: Path) -> None:
     py = _tf_python()
@@ -250,6 +252,7 @@ CIFAR_H5 = "cifar_10_model/trained_models/cnn_model.h5"
 
 
 @pytest.mark.adapters
+@pytest.mark.arch
 def test_third_party_keras_h5_from_pypi_through_ncscan_export(tmp_path: Path) -> None:
     import os
     import zipfile
