@@ -159,21 +159,11 @@ def _scan_progress(
     if progress_bar(err, enabled) is None:
         yield (lambda p: None), (lambda done, total: None)
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     bars: dict[str, tuple[Any, Any]] = {}
 
     def on_load(done: int, total: int) -> None:
         if "load" not in bars:
-            bar = Progress(TextColumn("loading images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           TimeRemainingColumn(), console=err, transient=True)
+            bar = progress_bar(err, enabled, kind="load")
             bar.start()
             bars["load"] = (bar, bar.add_task("load", total=total))
         bar, task = bars["load"]

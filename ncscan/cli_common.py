@@ -224,8 +224,9 @@ def install_sigterm() -> None:
         pass
 
 
-def progress_bar(console: Any, enabled: bool) -> Any:
-    """A rich progress bar on stderr (None when disabled or stderr is not a terminal)."""
+def progress_bar(console: Any, enabled: bool, kind: str = "reverse") -> Any:
+    """A rich progress bar on stderr (None when disabled or stderr is not a terminal):
+    `kind` "reverse" counts labels and optimisation steps, "load" counts decoded images."""
     if not enabled or not console.is_terminal:
         return None
     from rich.progress import (
@@ -237,16 +238,12 @@ def progress_bar(console: Any, enabled: bool) -> Any:
         TimeRemainingColumn,
     )
 
-    return Progress(
-        TextColumn("reversing triggers"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("labels · step {task.fields[step]} · {task.fields[active]} active"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
+    if kind == "load":
+        head, tail = [TextColumn("loading images"), BarColumn(), MofNCompleteColumn()], []
+    else:
+        head = [TextColumn("reversing triggers"), BarColumn(), MofNCompleteColumn()]
+        tail = [TextColumn("labels · step {task.fields[step]} · {task.fields[active]} active")]
+    return Progress(*head, *tail, TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
 
 
 Pixel = Annotated[Optional[str], typer.Option("--pixel-range", help="Input range the model expects for black..white, e.g. 0,255 (default: model metadata, else 0,1).")]
