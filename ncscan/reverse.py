@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import schedule as sched
 from .fastgraph import for_gradients
+from .optim import RowAdam
 from .preprocess import PixelModel
 from .trigger import Trigger, from_raw, to_raw
 
@@ -485,6 +486,215 @@ def _split_grads(
     return gm, gp, hits / B
 
 
+@dataclass
+class _Chunk:
+    """The optimisation state of one chunk of labels: row i of every array is label lab[i]."""
+
+    lab: list[int]
+    cfg: ReverseConfig
+    plan: MemoryPlan
+    model: torch.nn.Module
+    fmt: torch.memory_format
+    x: torch.Tensor  # all clean images, on the device
+    gen: torch.Generator  # the mini-batch sampling (after the initial masks/patterns)
+    pools: dict[int, torch.Tensor]  # each label's mini-batch images (not of its own class)
+    verify: dict[int, torch.Tensor]  # each label's fixed verification images
+    targets: torch.Tensor
+    mraw: torch.Tensor  # raw masks [L,1,H,W] (see trigger.to_raw)
+    praw: torch.Tensor  # raw patterns [L,C,H,W]
+    adam: RowAdam
+    state: sched.ScheduleState
+    best_m: np.ndarray  # each label's best mask [L,H,W] (the initial one until a success)
+    best_p: np.ndarray  # and pattern [L,C,H,W]
+    passes: int = 0  # image passes spent
+
+    def running(self) -> np.ndarray:
+        """The labels still being optimised: not early-stopped and under `max_steps`."""
+        return ~self.state.done & (self.state.steps < self.cfg.max_steps)
+
+
+def _place(model: torch.nn.Module, dev: torch.device) -> tuple[torch.nn.Module, torch.memory_format]:
+    """The model made ready for gradients on `dev`, and the memory format its inputs take."""
+    if isinstance(model, PixelModel):
+        model = for_gradients(model)
+    model = model.to(dev)
+    # channels_last makes oneDNN/cuDNN convolutions markedly faster (1.5x measured on CPU
+    # for the MNIST fixtures); values are unchanged.
+    fmt = torch.channels_last if _has_conv(model) else torch.contiguous_format
+    try:
+        model = model.to(memory_format=fmt)
+    except RuntimeError:  # a parameter that is not 4-D (e.g. a 5-D GroupNorm weight): keep NCHW
+        fmt = torch.contiguous_format
+    return model, fmt
+
+
+def _image_pools(
+    n: int, y: torch.Tensor | None, lab: list[int], seed: int, verify_images: int
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Each label's mini-batch pool (the images not of its class, when labels are known) and
+    its fixed verification images."""
+    y_np = y.cpu().numpy() if y is not None else None
+    all_idx = np.arange(n)
+    pools: dict[int, torch.Tensor] = {}
+    verify: dict[int, torch.Tensor] = {}
+    for t in lab:
+        pool = all_idx if y_np is None else all_idx[y_np != t]
+        if len(pool) == 0:
+            pool = all_idx
+        pools[t] = torch.from_numpy(pool)
+        # Each label's verification images depend on (seed, label) only.
+        verify[t] = torch.from_numpy(np.random.default_rng([seed, 7, t]).permutation(pool)[:verify_images])
+    return pools, verify
+
+
+def _start(
+    model: torch.nn.Module,
+    fmt: torch.memory_format,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    lab: list[int],
+    cfg: ReverseConfig,
+    plan: MemoryPlan,
+    seed: int,
+) -> _Chunk:
+    """Seeded random masks and patterns, fresh Adam and schedule state for `lab`."""
+    dev = x.device
+    n, c, h, w = x.shape
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    pools, verify = _image_pools(n, y, lab, seed, cfg.verify_images)
+    L = len(lab)
+    init_m = torch.rand((L, 1, h, w), generator=gen)
+    init_p = torch.rand((L, c, h, w), generator=gen)
+    mraw = to_raw(init_m).to(dev).requires_grad_(True)
+    praw = to_raw(init_p).to(dev).requires_grad_(True)
+    return _Chunk(
+        lab=lab, cfg=cfg, plan=plan, model=model, fmt=fmt, x=x, gen=gen, pools=pools, verify=verify,
+        targets=torch.tensor(lab, device=dev), mraw=mraw, praw=praw,
+        adam=RowAdam([mraw, praw], lr=cfg.lr, betas=cfg.betas),
+        state=sched.ScheduleState.init(L), best_m=init_m.numpy()[:, 0].copy(), best_p=init_p.numpy().copy(),
+    )
+
+
+def _one_pass_grads(
+    ch: _Chunk, bidx: torch.Tensor, ai: torch.Tensor, cost: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradient of one mini-batch's loss (sum over active labels of mean cross-entropy +
+    cost * mask L1) in one forward+backward. Returns (mask grad, pattern grad, per-label
+    accuracy)."""
+    A, B = bidx.shape
+    _, c, h, w = ch.x.shape
+    xb = ch.x[bidx]  # [A, B, C, H, W]
+    m = from_raw(ch.mraw[ai])  # [A,1,H,W]
+    p = from_raw(ch.praw[ai])  # [A,C,H,W]
+    xs = xb * (1 - m[:, None]) + m[:, None] * p[:, None]
+    out = ch.model(xs.reshape(A * B, c, h, w).contiguous(memory_format=ch.fmt))
+    tgt = ch.targets[ai].repeat_interleave(B)
+    ce = F.cross_entropy(out, tgt, reduction="none").view(A, B).mean(1)
+    reg = m.abs().sum(dim=(1, 2, 3))
+    loss = (ce + cost * reg).sum()
+    gm, gp = torch.autograd.grad(loss, (ch.mraw, ch.praw))
+    with torch.no_grad():
+        acc = (out.argmax(1) == tgt).float().view(A, B).mean(1)
+    return gm, gp, acc
+
+
+def _mini_batch(ch: _Chunk, act_idx: np.ndarray, ai: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """One Adam update of the active labels on a fresh mini-batch each (in several passes
+    when it is over the memory plan). Returns each active label's accuracy on its batch."""
+    cfg = ch.cfg
+    bidx = torch.stack(
+        [ch.pools[ch.lab[i]][torch.randint(len(ch.pools[ch.lab[i]]), (cfg.batch_size,), generator=ch.gen)]
+         for i in act_idx]
+    ).to(ch.x.device)
+    if len(act_idx) * cfg.batch_size <= ch.plan.train_images:
+        gm, gp, acc = _one_pass_grads(ch, bidx, ai, cost)
+    else:
+        gm, gp, acc = _split_grads(
+            ch.model, ch.x, bidx, ch.mraw, ch.praw, ai, ch.targets, cost, ch.plan.train_images, ch.fmt
+        )
+    ch.passes += len(act_idx) * cfg.batch_size
+    ch.adam.step([gm, gp], ai)
+    return acc
+
+
+def _verified(ch: _Chunk, active: np.ndarray, acc: np.ndarray, l1: np.ndarray) -> np.ndarray | None:
+    """Which labels' current masks pass the check on their fixed images (True for those that
+    are not candidates for a new best); None when verification is off."""
+    cfg = ch.cfg
+    if cfg.verify_images <= 0:
+        return None
+    L = len(ch.lab)
+    cand = active & (acc >= cfg.schedule.attack_succ_threshold) & (l1 < ch.state.best_l1)
+    rows = np.flatnonzero(cand)
+    ok, spent = _verify(
+        ch.model, ch.x, [ch.verify[ch.lab[i]] for i in rows], ch.mraw, ch.praw, rows, ch.targets,
+        cfg.schedule.attack_succ_threshold, max_images=min(L * cfg.batch_size, ch.plan.forward_images),
+        fmt=ch.fmt,
+    )
+    verified = np.ones(L, dtype=bool)
+    verified[rows] = ok
+    ch.passes += spent
+    return verified
+
+
+def _schedule_step(
+    ch: _Chunk, active: np.ndarray, should_stop: Callable[[], bool] | None
+) -> None:
+    """One schedule step: `mini_batches` updates of the active labels, then the cost
+    schedule (lambda, early stop) on the step's accuracy and mask L1, and a new best for
+    each label whose (verified) mask improved."""
+    dev = ch.x.device
+    L = len(ch.lab)
+    act_idx = np.flatnonzero(active)
+    ai = torch.from_numpy(act_idx).to(dev)
+    acc_sum = torch.zeros(len(act_idx), device=dev)
+    cost = torch.from_numpy(ch.state.cost[act_idx]).float().to(dev)
+    for _ in range(ch.cfg.mini_batches):
+        if should_stop is not None and should_stop():
+            raise KeyboardInterrupt
+        acc_sum += _mini_batch(ch, act_idx, ai, cost)
+    with torch.no_grad():
+        cur_m = from_raw(ch.mraw[ai])
+        l1 = cur_m.sum(dim=(1, 2, 3)).double().cpu().numpy()
+        acc = (acc_sum / ch.cfg.mini_batches).double().cpu().numpy()
+    full_acc = np.zeros(L)
+    full_l1 = np.full(L, np.inf)
+    full_acc[act_idx] = acc
+    full_l1[act_idx] = l1
+    verified = _verified(ch, active, full_acc, full_l1)
+    ch.state, improved = sched.step(ch.state, full_acc, full_l1, ch.cfg.schedule, active=active, verified=verified)
+    if improved.any():
+        with torch.no_grad():
+            imp = np.flatnonzero(improved)
+            ti = torch.from_numpy(imp).to(dev)
+            ch.best_m[imp] = from_raw(ch.mraw[ti])[:, 0].cpu().numpy()
+            ch.best_p[imp] = from_raw(ch.praw[ti]).cpu().numpy()
+
+
+def _traces(ch: _Chunk) -> list[LabelTrace]:
+    """Each label's result: its best trigger, or its last one when no step succeeded."""
+    with torch.no_grad():
+        last_m = from_raw(ch.mraw)[:, 0].cpu().numpy()
+        last_p = from_raw(ch.praw).cpu().numpy()
+    state = ch.state
+    traces: list[LabelTrace] = []
+    for i, t in enumerate(ch.lab):
+        found = bool(np.isfinite(state.best_l1[i]))
+        trig = Trigger(
+            mask=(ch.best_m[i] if found else last_m[i]).astype(np.float32),
+            pattern=(ch.best_p[i] if found else last_p[i]).astype(np.float32),
+        )
+        traces.append(LabelTrace(
+            label=t,
+            trigger=trig,
+            found=found,
+            steps=int(state.steps[i]),
+            early_stopped=bool(state.done[i]),
+            final_cost=float(state.cost[i]),
+        ))
+    return traces
+
+
 def reverse_chunk(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -514,153 +724,26 @@ def reverse_chunk(
         (one trace per label of `lab`, image passes spent)
     """
     dev = torch.device(device)
-    if isinstance(model, PixelModel):
-        model = for_gradients(model)
-    model = model.to(dev)
-    # channels_last makes oneDNN/cuDNN convolutions markedly faster (1.5x measured on CPU
-    # for the MNIST fixtures); values are unchanged.
-    fmt = torch.channels_last if _has_conv(model) else torch.contiguous_format
-    try:
-        model = model.to(memory_format=fmt)
-    except RuntimeError:  # a parameter that is not 4-D (e.g. a 5-D GroupNorm weight): keep NCHW
-        fmt = torch.contiguous_format
+    model, fmt = _place(model, dev)
     x = x.to(dev)
-    n, c, h, w = x.shape
     if plan is None:
         plan = memory_plan(model, x, cfg, dev)
     total = len(lab) if total is None else total
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    passes = 0
-    y_np = y.cpu().numpy() if y is not None else None
-    all_idx = np.arange(n)
-    pools: dict[int, torch.Tensor] = {}
-    verify: dict[int, torch.Tensor] = {}
-    for t in lab:
-        pool = all_idx if y_np is None else all_idx[y_np != t]
-        if len(pool) == 0:
-            pool = all_idx
-        pools[t] = torch.from_numpy(pool)
-        # Each label's verification images depend on (seed, label) only.
-        verify[t] = torch.from_numpy(np.random.default_rng([seed, 7, t]).permutation(pool)[: cfg.verify_images])
-    b1, b2 = cfg.betas
-    traces: list[LabelTrace] = []
-    L = len(lab)
-    init_m = torch.rand((L, 1, h, w), generator=gen)
-    init_p = torch.rand((L, c, h, w), generator=gen)
-    mraw = to_raw(init_m).to(dev).requires_grad_(True)
-    praw = to_raw(init_p).to(dev).requires_grad_(True)
-    adam = {
-        "mm": torch.zeros_like(mraw), "mv": torch.zeros_like(mraw),
-        "pm": torch.zeros_like(praw), "pv": torch.zeros_like(praw),
-    }
-    tcount = torch.zeros(L, device=dev)
-    targets = torch.tensor(lab, device=dev)
-    state = sched.ScheduleState.init(L)
-    best_m = init_m.numpy()[:, 0].copy()
-    best_p = init_p.numpy().copy()
-    while True:
-        active = ~state.done & (state.steps < cfg.max_steps)
-        if not active.any():
-            break
-        act_idx = np.flatnonzero(active)
-        ai = torch.from_numpy(act_idx).to(dev)
-        A = len(act_idx)
-        acc_sum = torch.zeros(A, device=dev)
-        cost = torch.from_numpy(state.cost[act_idx]).float().to(dev)
-        for _ in range(cfg.mini_batches):
-            if should_stop is not None and should_stop():
-                raise KeyboardInterrupt
-            bidx = torch.stack(
-                [pools[lab[i]][torch.randint(len(pools[lab[i]]), (cfg.batch_size,), generator=gen)] for i in act_idx]
-            ).to(dev)
-            if A * cfg.batch_size <= plan.train_images:
-                xb = x[bidx]  # [A, B, C, H, W]
-                m = from_raw(mraw[ai])  # [A,1,H,W]
-                p = from_raw(praw[ai])  # [A,C,H,W]
-                xs = xb * (1 - m[:, None]) + m[:, None] * p[:, None]
-                out = model(xs.reshape(A * cfg.batch_size, c, h, w).contiguous(memory_format=fmt))
-                tgt = targets[ai].repeat_interleave(cfg.batch_size)
-                ce = F.cross_entropy(out, tgt, reduction="none").view(A, cfg.batch_size).mean(1)
-                reg = m.abs().sum(dim=(1, 2, 3))
-                loss = (ce + cost * reg).sum()
-                gm, gp = torch.autograd.grad(loss, (mraw, praw))
-                with torch.no_grad():
-                    acc_sum += (out.argmax(1) == tgt).float().view(A, cfg.batch_size).mean(1)
-            else:
-                gm, gp, acc = _split_grads(
-                    model, x, bidx, mraw, praw, ai, targets, cost, plan.train_images, fmt
-                )
-                acc_sum += acc
-            passes += A * cfg.batch_size
-            with torch.no_grad():
-                tcount[ai] += 1
-                tt = tcount[ai]
-                bc1 = (1 - b1**tt)
-                bc2 = (1 - b2**tt)
-                for raw, g, km, kv, shp in ((mraw, gm, "mm", "mv", (A, 1, 1, 1)), (praw, gp, "pm", "pv", (A, 1, 1, 1))):
-                    ga = g[ai]
-                    mm = adam[km][ai].mul_(b1).add_(ga, alpha=1 - b1)
-                    vv = adam[kv][ai].mul_(b2).addcmul_(ga, ga, value=1 - b2)
-                    adam[km][ai] = mm
-                    adam[kv][ai] = vv
-                    upd = (mm / bc1.view(shp)) / ((vv / bc2.view(shp)).sqrt() + 1e-8)
-                    raw[ai] = raw[ai] - cfg.lr * upd
-        with torch.no_grad():
-            cur_m = from_raw(mraw[ai])
-            l1 = cur_m.sum(dim=(1, 2, 3)).double().cpu().numpy()
-            acc = (acc_sum / cfg.mini_batches).double().cpu().numpy()
-        full_acc = np.zeros(L)
-        full_l1 = np.full(L, np.inf)
-        full_acc[act_idx] = acc
-        full_l1[act_idx] = l1
-        verified = None
-        if cfg.verify_images > 0:
-            cand = active & (full_acc >= cfg.schedule.attack_succ_threshold) & (full_l1 < state.best_l1)
-            rows = np.flatnonzero(cand)
-            ok, spent = _verify(
-                model, x, [verify[lab[i]] for i in rows], mraw, praw, rows, targets,
-                cfg.schedule.attack_succ_threshold, max_images=min(L * cfg.batch_size, plan.forward_images),
-                fmt=fmt,
-            )
-            verified = np.ones(L, dtype=bool)
-            verified[rows] = ok
-            passes += spent
-        state, improved = sched.step(state, full_acc, full_l1, cfg.schedule, active=active, verified=verified)
-        if improved.any():
-            with torch.no_grad():
-                imp = np.flatnonzero(improved)
-                ti = torch.from_numpy(imp).to(dev)
-                best_m[imp] = from_raw(mraw[ti])[:, 0].cpu().numpy()
-                best_p[imp] = from_raw(praw[ti]).cpu().numpy()
-        newly = int((state.done | (state.steps >= cfg.max_steps)).sum())
+    ch = _start(model, fmt, x, y, lab, cfg, plan, seed)
+    while (active := ch.running()).any():
+        _schedule_step(ch, active, should_stop)
         if progress is not None:
+            running = ch.running()
             progress(
                 Progress(
-                    labels_done=done_before + newly,
+                    labels_done=done_before + int((~running).sum()),
                     labels_total=total,
-                    step=int(state.steps.max()),
-                    active=int((~state.done & (state.steps < cfg.max_steps)).sum()),
-                    passes=passes_before + passes,
+                    step=int(ch.state.steps.max()),
+                    active=int(running.sum()),
+                    passes=passes_before + ch.passes,
                 )
             )
-    with torch.no_grad():
-        last_m = from_raw(mraw)[:, 0].cpu().numpy()
-        last_p = from_raw(praw).cpu().numpy()
-    for i, t in enumerate(lab):
-        found = bool(np.isfinite(state.best_l1[i]))
-        trig = Trigger(
-            mask=(best_m[i] if found else last_m[i]).astype(np.float32),
-            pattern=(best_p[i] if found else last_p[i]).astype(np.float32),
-        )
-        traces.append(LabelTrace(
-            label=t,
-            trigger=trig,
-            found=found,
-            steps=int(state.steps[i]),
-            early_stopped=bool(state.done[i]),
-            final_cost=float(state.cost[i]),
-        ))
-    return traces, passes
+    return _traces(ch), ch.passes
 
 
 @torch.no_grad()
