@@ -362,18 +362,27 @@ def _load_npz(p: Path, channels: int) -> Dataset:
     return Dataset(x=np.ascontiguousarray(x), y=y, source=str(p))
 
 
-def _load_folder(
-    p: Path,
-    channels: int,
-    labels_file: Any,
-    size: tuple[int | None, int | None] = (None, None),
-    *,
-    max_images: int | None = None,
-    seed: int = 0,
-    resize: str = "squash",
-    progress: LoadProgress | None = None,
-    min_images: int = MIN_IMAGES,
-) -> Dataset:
+def _class_mapping(p: Path, names: list[str], labels_file: Any) -> dict[str, int]:
+    """Class folder name -> label: from the labels file, else the numbers the names are,
+    else the names' sorted order."""
+    if labels_file is not None:
+        mapping = _read_label_map(Path(labels_file))
+        unknown = [n for n in names if n not in mapping]
+        if unknown:
+            raise DataError(
+                f"class folder(s) {', '.join(unknown[:5])} in {p} are not in labels file "
+                f"{labels_file}; add them or remove the folders"
+            )
+        return mapping
+    if all(n.isdigit() for n in names):
+        return {n: int(n) for n in names}
+    return {n: i for i, n in enumerate(sorted(names))}
+
+
+def _folder_items(p: Path, labels_file: Any) -> tuple[list[tuple[Path, int | None]], list[str] | None, list[str]]:
+    """The image files of folder `p` with their labels (None for a flat folder of images),
+    the class names in label order (None for a flat folder), and the class folders that
+    have no images directly inside."""
     try:
         entries = sorted(p.iterdir())
     except OSError as e:
@@ -392,19 +401,7 @@ def _load_folder(
                 "folder of images only"
             )
     if subdirs and not flat:
-        names = [d.name for d in subdirs]
-        if labels_file is not None:
-            mapping = _read_label_map(Path(labels_file))
-            unknown = [n for n in names if n not in mapping]
-            if unknown:
-                raise DataError(
-                    f"class folder(s) {', '.join(unknown[:5])} in {p} are not in labels file "
-                    f"{labels_file}; add them or remove the folders"
-                )
-        elif all(n.isdigit() for n in names):
-            mapping = {n: int(n) for n in names}
-        else:
-            mapping = {n: i for i, n in enumerate(sorted(names))}
+        mapping = _class_mapping(p, [d.name for d in subdirs], labels_file)
         class_names = [n for n, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
         for d in subdirs:
             found = _list_images(d)
@@ -419,28 +416,55 @@ def _load_folder(
             f"data folder {p} has no images ({', '.join(sorted(IMAGE_EXTS))}); pass a folder of "
             "images or class subfolders of images"
         )
-    ys = None if items[0][1] is None else np.asarray([lab for _, lab in items], np.int64)
+    return items, class_names, empty_classes
+
+
+def _picks(
+    items: list[tuple[Path, int | None]], ys: np.ndarray | None, max_images: int | None, min_images: int, seed: int
+) -> tuple[list[int], dict[int | None, deque[int]], bool]:
+    """Which items to decode: all, or the seeded class-stratified `max_images` of them (the
+    cut is made on the file list, before decoding). Returns (the picks, replacements for
+    unreadable picks grouped by class, whether the list was cut)."""
     n_items = len(items)
     cut = max_images is not None and n_items > max_images and n_items >= min_images
-    if cut:
-        assert max_images is not None
-        want = [int(i) for i in subset_indices(ys, n_items, max_images, seed)]
-        # Replacements for unreadable picks: the rest in a seeded order, grouped by class.
-        chosen = set(want)
-        rest = [int(i) for i in np.random.default_rng([seed, 17]).permutation(n_items) if int(i) not in chosen]
-        spares: dict[int | None, deque[int]] = {}
-        for i in rest:
-            spares.setdefault(items[i][1], deque()).append(i)
-    else:
-        want = list(range(n_items))
-        spares = {}
-    got: dict[int, np.ndarray] = {}
-    bad: list[str] = []
-    huge: list[str] = []
+    if not cut:
+        return list(range(n_items)), {}, False
+    assert max_images is not None
+    want = [int(i) for i in subset_indices(ys, n_items, max_images, seed)]
+    # Replacements for unreadable picks: the rest in a seeded order, grouped by class.
+    chosen = set(want)
+    rest = [int(i) for i in np.random.default_rng([seed, 17]).permutation(n_items) if int(i) not in chosen]
+    spares: dict[int | None, deque[int]] = {}
+    for i in rest:
+        spares.setdefault(items[i][1], deque()).append(i)
+    return want, spares, True
+
+
+@dataclass
+class _Decoded:
+    """What decoding the picked files gave: the images by item index, the names of the
+    files skipped as unreadable or too large, and how many images were resized."""
+
+    got: dict[int, np.ndarray] = field(default_factory=dict)
+    bad: list[str] = field(default_factory=list)
+    huge: list[str] = field(default_factory=list)
+    resized: int = 0
+
+
+def _decode(
+    items: list[tuple[Path, int | None]],
+    want: list[int],
+    spares: dict[int | None, deque[int]],
+    channels: int,
+    size: tuple[int | None, int | None],
+    resize: str,
+    progress: LoadProgress | None,
+) -> _Decoded:
+    """Decode the picks in order; an unreadable one is replaced by a spare of its class."""
+    out = _Decoded()
     # With a fixed model size, shrink each image as it is read, so a folder of camera-size
     # photos never sits in memory at full resolution.
     th, tw = size
-    n_resized = 0
     queue = deque(want)
     total = len(want)
     while queue:
@@ -449,10 +473,10 @@ def _load_folder(
         try:
             a = _read_image(f, channels)
         except _TooLarge:
-            huge.append(f.name)
+            out.huge.append(f.name)
             a = None
         except Exception:  # noqa: BLE001  # corrupt, truncated, unsupported: skip with a count
-            bad.append(f.name)
+            out.bad.append(f.name)
             a = None
         if a is None:
             spare = _next_spare(spares, items[i][1])
@@ -461,36 +485,66 @@ def _load_folder(
             continue
         if th is not None and tw is not None and a.shape[:2] != (th, tw):
             a = fit_image(a, th, tw, resize)
-            n_resized += 1
-        got[i] = a
+            out.resized += 1
+        out.got[i] = a
         if progress is not None:
-            progress(len(got), total)
-    order = sorted(got)
-    imgs = [got[i] for i in order]
-    labels = [int(items[i][1]) for i in order] if ys is not None else []  # type: ignore[arg-type]
+            progress(len(out.got), total)
+    return out
+
+
+def _folder_warnings(p: Path, empty_classes: list[str], dec: _Decoded) -> list[str]:
+    """The warnings of a folder that gave images: empty class folders, skipped files."""
     warns: list[str] = []
-    if empty_classes and items:
+    if empty_classes:
         warns.append(
             f"class folder(s) {', '.join(empty_classes[:5])} in {p} have no images directly inside "
             "(nested folders are not read); those classes are not used"
         )
-    if bad:
+    if dec.bad:
         warns.append(
-            f"skipped {len(bad)} unreadable image(s) in {p} (e.g. {', '.join(bad[:3])})"
+            f"skipped {len(dec.bad)} unreadable image(s) in {p} (e.g. {', '.join(dec.bad[:3])})"
         )
-    if huge:
+    if dec.huge:
         warns.append(
-            f"skipped {len(huge)} image(s) over {MAX_PIXELS // 1_000_000} megapixels in {p} "
-            f"(e.g. {', '.join(huge[:3])}): too large to decode safely; downscale them"
+            f"skipped {len(dec.huge)} image(s) over {MAX_PIXELS // 1_000_000} megapixels in {p} "
+            f"(e.g. {', '.join(dec.huge[:3])}): too large to decode safely; downscale them"
         )
+    return warns
+
+
+def _none_decoded(p: Path, n_items: int, dec: _Decoded) -> DataError:
+    """The error for a folder none of whose images could be decoded."""
+    if dec.huge and not dec.bad:
+        return DataError(
+            f"all {n_items} images in {p} are over {MAX_PIXELS // 1_000_000} megapixels "
+            "(refused as possible decompression bombs); downscale them, e.g. to the model's "
+            "input size"
+        )
+    return DataError(f"none of the {n_items} images in {p} could be decoded; check the files")
+
+
+def _load_folder(
+    p: Path,
+    channels: int,
+    labels_file: Any,
+    size: tuple[int | None, int | None] = (None, None),
+    *,
+    max_images: int | None = None,
+    seed: int = 0,
+    resize: str = "squash",
+    progress: LoadProgress | None = None,
+    min_images: int = MIN_IMAGES,
+) -> Dataset:
+    items, class_names, empty_classes = _folder_items(p, labels_file)
+    ys = None if items[0][1] is None else np.asarray([lab for _, lab in items], np.int64)
+    want, spares, cut = _picks(items, ys, max_images, min_images, seed)
+    dec = _decode(items, want, spares, channels, size, resize, progress)
+    order = sorted(dec.got)
+    imgs = [dec.got[i] for i in order]
+    labels = [int(items[i][1]) for i in order] if ys is not None else []  # type: ignore[arg-type]
+    warns = _folder_warnings(p, empty_classes, dec)
     if not imgs:
-        if huge and not bad:
-            raise DataError(
-                f"all {len(items)} images in {p} are over {MAX_PIXELS // 1_000_000} megapixels "
-                "(refused as possible decompression bombs); downscale them, e.g. to the model's "
-                "input size"
-            )
-        raise DataError(f"none of the {len(items)} images in {p} could be decoded; check the files")
+        raise _none_decoded(p, len(items), dec)
     shapes = {a.shape[:2] for a in imgs}
     ds = Dataset(
         x=np.empty((0,), np.uint8),
@@ -498,11 +552,11 @@ def _load_folder(
         source=str(p),
         class_names=class_names,
         warnings=warns,
-        skipped=len(bad) + len(huge),
+        skipped=len(dec.bad) + len(dec.huge),
     )
-    ds._cut = cut and len(imgs) == total  # type: ignore[attr-defined]
+    ds._cut = cut and len(imgs) == len(want)  # type: ignore[attr-defined]
     ds._raw = imgs  # type: ignore[attr-defined]  # resized in _fit_size
-    ds._resized = n_resized  # type: ignore[attr-defined]
+    ds._resized = dec.resized  # type: ignore[attr-defined]
     ds._mixed = len(shapes) > 1  # type: ignore[attr-defined]
     return ds
 
