@@ -129,26 +129,8 @@ def _decide_layout(dims: list[int | None], forced: str | None) -> tuple[str, int
     )
 
 
-def load_onnx(
-    path: str | os.PathLike[str], layout: str | None = None, output_name: str | None = None
-) -> OnnxModel:
-    """Read and check an ONNX classifier.
-
-    Args:
-        path: the .onnx file; external-data files are resolved next to it. When they
-            would make the in-memory proto 2 GB or more, they are checked but not read
-            (`weights_on_disk`); conversion and onnxruntime read them from the files.
-        layout: force "NCHW" or "NHWC" (None: decide from the channel axis / metadata).
-        output_name: the graph output that holds the class scores (None: the model's only
-            output, else the only one shaped [N, classes]; see `select_output`).
-
-    Returns:
-        The checked model.
-
-    Raises:
-        ModelError: missing, unreadable, invalid, or not an image classifier.
-    """
-    p = Path(path)
+def _read_proto(p: Path) -> tuple[onnx.ModelProto, int]:
+    """The graph of model file `p` (external data not read yet) and the file's size."""
     if not p.exists():
         raise ModelError(f"model file {p} does not exist; check the path")
     if p.is_dir():
@@ -165,6 +147,13 @@ def load_onnx(
         ) from e
     if len(proto.graph.node) == 0 or not proto.graph.output:
         raise ModelError(f"{p} is not a valid ONNX model (no graph); pass an exported .onnx file")
+    return proto, size
+
+
+def _external_data(p: Path, proto: onnx.ModelProto, size: int) -> tuple[bool, bool]:
+    """Check that every external-data file is next to the model and long enough, and read
+    them into `proto` unless that would make it 2 GB or more. Returns (has external data,
+    weights left on disk)."""
     has_ext = False
     missing: list[str] = []
     short: list[str] = []
@@ -198,13 +187,11 @@ def load_onnx(
             onnx.load_external_data_for_model(proto, str(p.parent))
         except Exception as e:
             raise ModelError(f"cannot read the external data of {p.name}: {e}") from e
-    try:
-        # The path form handles models over 2 GB and external data.
-        onnx.checker.check_model(str(p))
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{p.name} fails onnx.checker: {first}; re-export the model") from e
+    return has_ext, on_disk
 
+
+def _image_input(proto: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, list[int | None]]:
+    """The model's one graph input, checked to be a float32 rank-4 tensor, and its dims."""
     init_names = {t.name for t in proto.graph.initializer}
     inputs = [vi for vi in proto.graph.input if vi.name not in init_names]
     if len(inputs) != 1:
@@ -229,7 +216,14 @@ def load_onnx(
             f"model input '{vi.name}' has rank {len(dims)}; ncscan needs a rank-4 image input "
             "(NCHW or NHWC)"
         )
-    meta = {kv.key: kv.value for kv in proto.metadata_props}
+    return vi, dims
+
+
+def _input_spec(
+    vi: onnx.ValueInfoProto, dims: list[int | None], layout: str | None, meta: dict[str, str]
+) -> tuple[InputSpec, str]:
+    """The image input's layout (the flag, else the `ncscan.layout` metadata, else detected)
+    and sizes. Returns (the spec, where the layout came from)."""
     layout_source = "detected"
     if layout is None and meta.get("ncscan.layout", "").strip().upper() in ("NCHW", "NHWC"):
         layout = meta["ncscan.layout"].strip().upper()
@@ -249,6 +243,40 @@ def load_onnx(
         batch=dims[0],
         elem_type=vi.type.tensor_type.elem_type,
     )
+    return spec, layout_source
+
+
+def load_onnx(
+    path: str | os.PathLike[str], layout: str | None = None, output_name: str | None = None
+) -> OnnxModel:
+    """Read and check an ONNX classifier.
+
+    Args:
+        path: the .onnx file; external-data files are resolved next to it. When they
+            would make the in-memory proto 2 GB or more, they are checked but not read
+            (`weights_on_disk`); conversion and onnxruntime read them from the files.
+        layout: force "NCHW" or "NHWC" (None: decide from the channel axis / metadata).
+        output_name: the graph output that holds the class scores (None: the model's only
+            output, else the only one shaped [N, classes]; see `select_output`).
+
+    Returns:
+        The checked model.
+
+    Raises:
+        ModelError: missing, unreadable, invalid, or not an image classifier.
+    """
+    p = Path(path)
+    proto, size = _read_proto(p)
+    has_ext, on_disk = _external_data(p, proto, size)
+    try:
+        # The path form handles models over 2 GB and external data.
+        onnx.checker.check_model(str(p))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{p.name} fails onnx.checker: {first}; re-export the model") from e
+    vi, dims = _image_input(proto)
+    meta = {kv.key: kv.value for kv in proto.metadata_props}
+    spec, layout_source = _input_spec(vi, dims, layout, meta)
     out, warnings = select_output(proto, output_name)
     producer = {o: n for n in proto.graph.node for o in n.output}
     last = producer.get(out.name)
