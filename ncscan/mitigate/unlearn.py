@@ -234,6 +234,91 @@ def _kl(student: torch.Tensor, teacher_logp: torch.Tensor, temperature: float) -
     )
 
 
+@dataclass
+class _Unlearning:
+    """What every training step of `unlearn` uses."""
+
+    pm: torch.nn.Module
+    cfg: UnlearnConfig
+    dev: torch.device
+    gen: torch.Generator  # batches, stamping, augmentation and mixup, in that order each step
+    x: torch.Tensor  # the clean images (the mixup pairs come from all of them)
+    masks: list[torch.Tensor]  # the reversed triggers
+    pats: list[torch.Tensor]
+    ref_logp: torch.Tensor  # the original model's log-probabilities on `x` (at the temperature)
+    teacher: torch.nn.Module | None  # a frozen copy of the original model (for the mixup term)
+    advs: list[_Adversary]
+    bs: int  # images per step
+    mix_shift: int  # px
+
+
+def _setup(
+    pm: torch.nn.Module,
+    x: torch.Tensor,
+    triggers: list[Trigger],
+    targets: Sequence[int],
+    cfg: UnlearnConfig,
+    seed: int,
+    dev: torch.device,
+) -> _Unlearning:
+    """The triggers on the device, the original model's outputs (the distillation targets)
+    and the adversaries."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = [torch.from_numpy(t.mask).to(dev) for t in triggers]
+    pats = [torch.from_numpy(t.pattern).to(dev) for t in triggers]
+    n = len(x)
+    temp = cfg.temperature
+    mix_shift = side_pixels(cfg.mix_shift_fraction, min(int(x.shape[-2]), int(x.shape[-1])))
+    pm.eval()
+    # The original model: its outputs are the targets of the distillation terms.
+    teacher = None
+    if cfg.mix > 0:
+        teacher = copy.deepcopy(pm).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    with torch.no_grad():
+        ref_logp = torch.cat(
+            [F.log_softmax(pm(x[i : i + 256].to(dev)) / temp, 1).cpu() for i in range(0, n, 256)], 0
+        )
+    advs = (
+        [_Adversary(masks[j], pats[j], int(targets[j]), cfg) for j in range(len(triggers))]
+        if cfg.adv_steps > 0
+        else []
+    )
+    return _Unlearning(
+        pm=pm, cfg=cfg, dev=dev, gen=gen, x=x, masks=masks, pats=pats, ref_logp=ref_logp, teacher=teacher,
+        advs=advs, bs=min(cfg.batch_size, n), mix_shift=mix_shift,
+    )
+
+
+def _loss(u: _Unlearning, idx: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """One step's loss: stamp part of the batch `xb` (in place), cross-entropy on the TRUE
+    labels of the stamped images, distillation on the clean ones and on a mixup batch."""
+    cfg, dev, temp = u.cfg, u.dev, u.cfg.temperature
+    # `poison_fraction` of the batch per trigger (at most half the batch in all), so
+    # a second target is not unlearned with half the examples of a single one.
+    k = round(min(0.5, cfg.poison_fraction * len(u.masks)) * len(idx))
+    clean = _stamp(xb, k, u.masks, u.pats, u.advs, cfg, u.gen)
+    out = u.pm(xb)
+    c = clean.to(dev)
+    frac = float(clean.float().mean())
+    loss = out.sum() * 0.0
+    if frac < 1.0:  # stamped images: their TRUE label
+        loss = loss + (1.0 - frac) * F.cross_entropy(out[~c], yb[~c])
+    if frac > 0.0:
+        if cfg.clean_ce > 0:
+            loss = loss + cfg.clean_ce * frac * F.cross_entropy(out[c], yb[c])
+        if cfg.distill > 0:
+            loss = loss + cfg.distill * _kl(out[c], u.ref_logp[idx][clean].to(dev), temp)
+    if u.teacher is not None:
+        xm = _mixup(u.x, u.bs, u.mix_shift, u.gen)
+        xm = xm.to(dev)
+        with torch.no_grad():
+            tm = F.log_softmax(u.teacher(xm) / temp, 1)
+        loss = loss + cfg.mix * _kl(u.pm(xm), tm, temp)
+    return loss
+
+
 def unlearn(
     pm: torch.nn.Module,
     net: torch.nn.Module,
@@ -275,71 +360,28 @@ def unlearn(
         raise RuntimeError("no trainable tensors")
     if len(targets) != len(triggers):
         raise ValueError(f"{len(targets)} targets for {len(triggers)} triggers")
-    gen = torch.Generator().manual_seed(seed)
-    masks = [torch.from_numpy(t.mask).to(dev) for t in triggers]
-    pats = [torch.from_numpy(t.pattern).to(dev) for t in triggers]
-    n = len(x)
-    bs = min(cfg.batch_size, n)
-    per_epoch = max(math.ceil(n / bs), cfg.min_steps)
-    steps = per_epoch * max(1, cfg.epochs)
-    temp = cfg.temperature
-    mix_shift = side_pixels(cfg.mix_shift_fraction, min(int(x.shape[-2]), int(x.shape[-1])))
-    pm.eval()
-    # The original model: its outputs are the targets of the distillation terms.
-    teacher = None
-    if cfg.mix > 0:
-        teacher = copy.deepcopy(pm).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    with torch.no_grad():
-        ref_logp = torch.cat(
-            [F.log_softmax(pm(x[i : i + 256].to(dev)) / temp, 1).cpu() for i in range(0, n, 256)], 0
-        )
-    advs = (
-        [_Adversary(masks[j], pats[j], int(targets[j]), cfg) for j in range(len(triggers))]
-        if cfg.adv_steps > 0
-        else []
-    )
+    u = _setup(pm, x, triggers, targets, cfg, seed, dev)
+    n, bs = len(x), u.bs
+    steps = max(math.ceil(n / bs), cfg.min_steps) * max(1, cfg.epochs)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     losses: list[float] = []
-    order = torch.randperm(n, generator=gen)
+    order = torch.randperm(n, generator=u.gen)
     pos = 0
     try:
         for _ in range(steps):
             if pos + bs > n:
-                order = torch.randperm(n, generator=gen)
+                order = torch.randperm(n, generator=u.gen)
                 pos = 0
             idx = order[pos : pos + bs]
             pos += bs
             xb = x[idx].to(dev)
             yb = y[idx].to(dev)
             # The adversaries move against the current weights (frozen for their steps).
-            for a in advs:
+            for a in u.advs:
                 a.step(pm, xb, yb)
             for p in params:
                 p.requires_grad_(True)
-            xb = xb.clone()
-            # `poison_fraction` of the batch per trigger (at most half the batch in all), so
-            # a second target is not unlearned with half the examples of a single one.
-            k = round(min(0.5, cfg.poison_fraction * len(triggers)) * len(idx))
-            clean = _stamp(xb, k, masks, pats, advs, cfg, gen)
-            out = pm(xb)
-            c = clean.to(dev)
-            frac = float(clean.float().mean())
-            loss = out.sum() * 0.0
-            if frac < 1.0:  # stamped images: their TRUE label
-                loss = loss + (1.0 - frac) * F.cross_entropy(out[~c], yb[~c])
-            if frac > 0.0:
-                if cfg.clean_ce > 0:
-                    loss = loss + cfg.clean_ce * frac * F.cross_entropy(out[c], yb[c])
-                if cfg.distill > 0:
-                    loss = loss + cfg.distill * _kl(out[c], ref_logp[idx][clean].to(dev), temp)
-            if teacher is not None:
-                xm = _mixup(x, bs, mix_shift, gen)
-                xm = xm.to(dev)
-                with torch.no_grad():
-                    tm = F.log_softmax(teacher(xm) / temp, 1)
-                loss = loss + cfg.mix * _kl(pm(xm), tm, temp)
+            loss = _loss(u, idx, xb.clone(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -356,5 +398,5 @@ def unlearn(
         "trained_values": int(sum(p.numel() for p in params)),
         "loss_first": float(np.mean(losses[:10])) if losses else None,
         "loss_last": float(np.mean(losses[-10:])) if losses else None,
-        "adversarial_l1": [round(float(a.current()[0].detach().sum()), 3) for a in advs],
+        "adversarial_l1": [round(float(a.current()[0].detach().sum()), 3) for a in u.advs],
     }
