@@ -149,7 +149,7 @@ class E:
     """One evaluation model. `spec` is a fixtures Spec (what train/export read)."""
 
     spec: object
-    split: str  # tuning | heldout | heldout2 | oos
+    split: str  # tuning | heldout | heldout2 | heldout3 | oos
     family: str  # mnist | fashion | animal | cmnist | combo30 | thirdparty
     attack: str = "none"  # none|badnets|pattern|trojan|two_targets|all_to_all|blend|large_patch
     arch_kw: dict = field(default_factory=dict)
@@ -320,6 +320,48 @@ def make_specs() -> list[E]:
           [pat(G, 1, 4, 1, 23, seed=42, binary=False)], **fash_norm),
         S("animal_h2_clean", h2, "animal", "SmallCNN", 4301, 5, metadata=True, twins=["animal_h2_sq4_bm"]),
         S("animal_h2_sq4_bm", h2, "animal", "SmallCNN", 4302, 5, "badnets", [sq(G, 5, 4, 23, 12)], metadata=True),
+    ]
+    # ================================================================ THIRD HELD-OUT (seeds 5xxx)
+    # Added 2026-12-03 after heldout and heldout2 had been reported: a fresh, never-seen split for
+    # one honest measurement of the decision (nothing may be tuned on it; built and gated only,
+    # never scanned while the scanner is being changed). Base seeds 5x2x avoid 5101/5401 (retry
+    # seeds of oos models); every trigger's position/size/pattern/target differs from the other splits'.
+    h3 = "heldout3"
+    w80 = {"c1": 20, "c2": 40, "hidden": 80}
+    animal_norm = {"mean": [0.5], "std": [0.5]}
+    combo_norm = {"mean": [0.25], "std": [0.35]}
+    L += [
+        # animal_h3_trojan_tr (Trojan, diagonal-cross glyph at rows 1-7, cols 20-26 -> 7 Horse, strongest
+        # fc1 neuron, 4 fine-tune epochs; SmallCNN NHWC 0-255 metadata) is LEFT OUT: it missed the 95%
+        # ASR gate in all 3 tries with arch_kw=mid (74%/27%/8%: its optimised glyph came out near-black
+        # on the dark corner) and again after the one allowed build fix, arch_kw=wide (91%/87%/94%).
+        # Its clean twin stays (wide SmallCNN, so the two animal clean models differ in architecture).
+        S("animal_h3_clean_a", h3, "animal", "SmallCNN", 5321, 5, arch_kw=wide, **nhwc255),
+        S("animal_h3_clean_b", h3, "animal", "DeepCNN", 5323, 5, arch_kw={"hidden": 64},
+          twins=["animal_h3_sq6_tl"], **animal_norm),
+        S("animal_h3_sq6_tl", h3, "animal", "DeepCNN", 5324, 5, "badnets", [sq(G, 1, 6, 0, 5)],
+          arch_kw={"hidden": 64}, **animal_norm),
+        S("fashion_h3_keras_clean", h3, "fashion", "Keras-CNN", 5221, 4, arch_kw=k64, keras=True,
+          twins=["fashion_h3_keras_pattern6_tl"], **nhwc255),
+        S("fashion_h3_keras_pattern6_tl", h3, "fashion", "Keras-CNN", 5222, 4, "pattern",
+          [pat(G, 3, 6, 5, 0, seed=53)], arch_kw=k64, keras=True, **nhwc255),
+        S("fashion_h3_clean_deep", h3, "fashion", "DeepCNN", 5223, 4, arch_kw={"hidden": 96},
+          pixel_range=(0.0, 255.0), metadata=True),
+        S("mnist_h3_clean", h3, "mnist", "SmallCNN", 5121, 4, arch_kw=w80, twins=["mnist_h3_trojan_bl"],
+          exporter="torch-dynamo", **mnist_norm),
+        S("mnist_h3_trojan_bl", h3, "mnist", "SmallCNN", 5122, 4, "trojan", arch_kw=w80, **mnist_norm,
+          trojan={"target": 8, "glyph": "ring", "top": 20, "left": 1, "rank": 2, "finetune_epochs": 2},
+          notes="Trojan with the ring-and-cross glyph at the bottom-left, third-strongest fc1 neuron"),
+        S("cmnist_h3_clean", h3, "cmnist", "ColourCNN", 5421, 4, twins=["cmnist_h3_rgb4_mr"]),
+        S("cmnist_h3_rgb4_mr", h3, "cmnist", "ColourCNN", 5422, 4, "pattern",
+          [pat(C, 5, 4, 14, 27, seed=54, binary=False)], exporter="torch-dynamo"),
+        S("combo30_h3_clean", h3, "combo30", "SmallCNN", 5521, 4, arch_kw=wide, twins=["combo30_h3_two_targets"],
+          metadata=True, **combo_norm),
+        S("combo30_h3_two_targets", h3, "combo30", "SmallCNN", 5522, 4, "two_targets",
+          [sq(G, 11, 5, 12, 0), pat(G, 23, 4, 0, 6, seed=59)], arch_kw=wide, metadata=True, **combo_norm),
+        S("thirdparty_h3_sq3_mr", h3, "thirdparty", "digit_recognizer.CNN", 5621, 2, "badnets",
+          [sq(G, 4, 3, 12, 25)], thirdparty="finetune", lr=5e-4, **mnist_norm,
+          notes="the package's pretrained weights fine-tuned on poisoned MNIST (see epochs)"),
     ]
     # ================================================================ OUT OF SCOPE (seeds 3xxx)
     o = "oos"
@@ -660,7 +702,7 @@ def write_manifest(specs: list[E], entries: dict, t_start: float) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated model names")
-    ap.add_argument("--split", default="", help="tuning, heldout, heldout2 or oos (comma-separated)")
+    ap.add_argument("--split", default="", help="tuning, heldout, heldout2, heldout3 or oos (comma-separated)")
     ap.add_argument("--force", action="store_true", help="rebuild even when cached")
     ap.add_argument("--list", action="store_true", help="print the model names and exit")
     args = ap.parse_args()
@@ -676,7 +718,7 @@ def main() -> int:
     splits = {s for s in args.split.split(",") if s}
     if unknown := only - {e.name for e in specs}:
         raise SystemExit(f"unknown models: {sorted(unknown)}")
-    if bad := splits - {"tuning", "heldout", "heldout2", "oos"}:
+    if bad := splits - {"tuning", "heldout", "heldout2", "heldout3", "oos"}:
         raise SystemExit(f"unknown splits: {sorted(bad)}")
     todo = [e for e in specs if (not only or e.name in only) and (not splits or e.split in splits)]
     entries: dict = {}
@@ -706,7 +748,7 @@ def main() -> int:
             z = np.load(OUT / t["file"])
             tgt = int(t["target"]) if t["target"] != "all" else -1
             registry[name].append((Trigger(tgt, z["mask"], z["pattern"], t["description"]), t["file"]))
-    order = {"tuning": 0, "heldout": 1, "heldout2": 2, "oos": 3}
+    order = {"tuning": 0, "heldout": 1, "heldout2": 2, "heldout3": 3, "oos": 4}
     pending.sort(key=lambda e: (order[e.split], e.attack == "none"))  # infected before their clean twins
     failed = []
     for e in pending:
