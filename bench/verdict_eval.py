@@ -104,40 +104,53 @@ def collect(entry: dict[str, Any], runs: int) -> Path:
     return out
 
 
-def simulate(l1: np.ndarray, j: int, cfg: Any) -> tuple[Any, int]:
+def simulate(l1: np.ndarray, j: int, cfg: Any, masks: np.ndarray | None = None) -> tuple[Any, int]:
     """The scan's restart policy replayed on stored runs: phase 1 is run j, each restart of a
-    label takes its next stored run. Returns (Decision, extra label-runs spent)."""
-    from ncscan.decide import decide, needs_restart
+    label takes its next stored run. `masks` (runs, labels, H, W) give the size run's
+    compactness (None: size alone). Returns (Decision, extra label-runs spent)."""
+    from ncscan.decide import compactness, decide, needs_restart
 
     r_all, k = l1.shape
     order = [(j + d) % r_all for d in range(r_all)]
     runs = [[float(l1[j, i])] for i in range(k)]
+
+    def compact() -> list[float] | None:
+        if masks is None:
+            return None
+        out = []
+        for i, r in enumerate(runs):
+            ok = [(v, order[n]) for n, v in enumerate(r) if np.isfinite(v)]
+            out.append(compactness(masks[min(ok)[1], i], cfg.compact_window) if ok else float("nan"))
+        return out
+
     extra = 0
     for rounds in (cfg.restarts, cfg.recheck_restarts):
-        for i in needs_restart(runs, cfg):
+        for i in needs_restart(runs, cfg, compact=compact()):
             for _ in range(rounds):
                 if len(runs[i]) < r_all:
                     runs[i].append(float(l1[order[len(runs[i])], i]))
                     extra += 1
-    return decide(runs, cfg), extra
+    return decide(runs, cfg, compact=compact()), extra
 
 
-def replay(models: list[dict[str, Any]], cfg: Any, verbose: bool = True) -> dict[str, Any]:
+def replay(models: list[dict[str, Any]], cfg: Any, verbose: bool = True, use_shape: bool = True) -> dict[str, Any]:
     """Decisions on stored evidence for every pseudo-seed; summary counts."""
     rows = []
     for e in models:
         f = EVIDENCE / f"{e['name']}.npz"
         if not f.exists():
             continue
-        l1 = np.load(f)["l1"]
+        z = np.load(f)
+        l1, masks = z["l1"], (z["masks"] if use_shape else None)
         truth = sorted(e["targets"]) if e["infected"] and e.get("in_scope", True) else []
         outs = []
         for j in range(l1.shape[0]):
-            d, extra = simulate(l1, j, cfg)
+            d, extra = simulate(l1, j, cfg, masks)
             outs.append((d.verdict, sorted(d.flagged), d, extra))
         ok = [o[1] == truth and (o[0] == "backdoor") == bool(truth) for o in outs]
         tgt_score = [float(np.nanmin(o[2].score[truth])) if truth else float("nan") for o in outs]
-        others = [float(np.nanmax(np.delete(o[2].score, truth))) for o in outs]
+        others = [float(np.nanmax(np.delete(o[2].margin(), truth))) for o in outs]
+        tgt_score = [float(np.nanmin(o[2].margin()[truth])) if truth else float("nan") for o in outs]
         rows.append(dict(name=e["name"], split=e["split"], family=e["family"], attack=e["attack"], truth=truth,
                          verdicts=[o[0] for o in outs], flagged=[o[1] for o in outs], ok=ok,
                          target_score=tgt_score, max_other=others, extra=[o[3] for o in outs]))
@@ -173,15 +186,28 @@ def scan_one(job: tuple[dict[str, Any], int, int]) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     truth = sorted(entry["targets"]) if entry["infected"] else []
     by = rep.by_label
-    score = {r.label: r.score for r in rep.labels}
-    others = [v for k, v in score.items() if k not in truth and np.isfinite(v)]
+    margin = {r.label: r.score - r.line for r in rep.labels}
+    others = [v for k, v in margin.items() if k not in truth and np.isfinite(v)]
     return dict(
         name=entry["name"], seed=seed, verdict=rep.verdict, flagged=sorted(rep.flagged),
         borderline=rep.borderline, margin=rep.margin, paper_flagged=sorted(rep.paper_flagged),
+        size_only=size_only_call(rep),
+        target_margin=[by[t].score - by[t].line for t in truth], target_evidence=[by[t].evidence for t in truth],
         target_score=[by[t].score for t in truth], target_paper_index=[by[t].anomaly_index for t in truth],
-        max_other_score=max(others) if others else None, passes=rep.passes, wall=round(wall, 1),
+        target_compactness=[by[t].compactness for t in truth],
+        max_other_margin=max(others) if others else None, passes=rep.passes, wall=round(wall, 1),
         runs=sum(len(r.run_l1) for r in rep.labels), reasons=rep.reasons,
     )
+
+
+def size_only_call(rep: Any) -> str:
+    """The previous default (size alone, every label held to the threshold) on the same runs."""
+    from ncscan.decide import decide
+
+    eligible = np.array([not r.screened_out for r in rep.labels])
+    d = decide([list(r.run_l1) for r in rep.labels], rep.decide_config, eligible=eligible)
+    labs = [rep.labels[i].label for i in d.flagged]
+    return f"{d.verdict}{sorted(labs) if labs else ''}"
 
 
 def scan_split(models: list[dict[str, Any]], seeds: list[int], jobs: int, tag: str) -> None:
@@ -231,8 +257,12 @@ def summarise(models: list[dict[str, Any]], rows: list[dict[str, Any]], seeds: l
             paper_ok=sum((r["paper_flagged"] == sorted(e["targets"])) if e["infected"] else not r["paper_flagged"]
                          for r in rs),
             min_margin=min((r["margin"] for r in rs if r["margin"] is not None), default=None),
-            target_score=[round(min(r["target_score"]), 2) for r in rs if r["target_score"]],
-            max_other=[round(r["max_other_score"], 2) for r in rs if r["max_other_score"] is not None],
+            target_margin=[round(min(r["target_margin"]), 2) for r in rs if r["target_margin"]],
+            evidence=sorted({v for r in rs for v in r["target_evidence"]}),
+            max_other=[round(r["max_other_margin"], 2) for r in rs if r["max_other_margin"] is not None],
+            size_only=[r["size_only"] for r in rs],
+            size_only_ok=sum(r["size_only"] == (f"backdoor{sorted(e['targets'])}" if e["infected"] else "clean")
+                             for r in rs),
             passes=int(np.mean([r["passes"] for r in rs])), wall=round(float(np.mean([r["wall"] for r in rs])), 1),
         ))
     (HERE / f"verdict_{tag}.json").write_text(json.dumps(dict(
@@ -242,16 +272,18 @@ def summarise(models: list[dict[str, Any]], rows: list[dict[str, Any]], seeds: l
         f"# Verdicts on the {tag} split ({len(per_model)} models, seeds {','.join(map(str, seeds))})", "",
         f"`python bench/verdict_eval.py scan --split {tag} --seeds {','.join(map(str, seeds))}`; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPU cores, CPU only.", "",
-        "| model | family | attack | targets | calls per seed | right | paper rule right | flips | min margin "
-        "| target score | max other score | passes | wall s |",
-        "|---|---|---|---|---|---:|---:|---|---:|---|---|---:|---:|",
+        "| model | family | attack | targets | calls per seed | right | size-only rule right (same runs) "
+        "| paper rule right | flips | verdict margin (min) | target margin per seed | target evidence "
+        "| max other margin per seed | passes | wall s |",
+        "|---|---|---|---|---|---:|---:|---:|---|---:|---|---|---|---:|---:|",
     ]
     for m in per_model:
         lines.append(
             f"| {m['name']} | {m['family']} | {m['attack']}{'' if m['in_scope'] else ' (out of scope)'} "
-            f"| {m['targets']} | {' '.join(m['calls'])} | {m['ok']}/{m['n']} | {m['paper_ok']}/{m['n']} "
-            f"| {'YES' if m['flips'] else 'no'} | {_fmt_margin(m['min_margin'])} "
-            f"| {' '.join(map(str, m['target_score']))} | {' '.join(map(str, m['max_other']))} "
+            f"| {m['targets']} | {' '.join(m['calls'])} | {m['ok']}/{m['n']} | {m['size_only_ok']}/{m['n']} "
+            f"| {m['paper_ok']}/{m['n']} | {'YES' if m['flips'] else 'no'} | {_fmt_margin(m['min_margin'])} "
+            f"| {' '.join(map(str, m['target_margin']))} | {' '.join(m['evidence'])} "
+            f"| {' '.join(map(str, m['max_other']))} "
             f"| {m['passes']:,} | {m['wall']} |"
         )
     lines += ["", "Per family (in-scope models; a model counts only when every seed agrees):", "",
@@ -278,7 +310,15 @@ def summarise(models: list[dict[str, Any]], rows: list[dict[str, Any]], seeds: l
 
 
 VARIANTS = {
-    "default (min of runs, floor 0.4, 3.1 +- 0.2)": {},
+    "default (min of runs, floor 0.4, 3.1 +- 0.2, compact line 1.8)": {},
+    "size alone (no compact line; the previous default)": {"compact_relief": 0.0},
+    "compact line 2.1 (relief 1.0)": {"compact_relief": 1.0},
+    "compact line 1.5 (relief 1.6)": {"compact_relief": 1.6},
+    "compact share 0.45": {"compact_share": 0.45},
+    "compact share 0.6": {"compact_share": 0.6},
+    "compact window 1.0": {"compact_window": 1.0},
+    "compact window 1.5": {"compact_window": 1.5},
+    "compact window 2.0": {"compact_window": 2.0},
     "median of runs instead of min": {"size_of_runs": "median"},
     "floor 0.2": {"scale_floor": 0.2},
     "floor 0.3": {"scale_floor": 0.3},
@@ -325,7 +365,7 @@ def write_replay(models: list[dict[str, Any]], tag: str) -> None:
              "the policy re-checks, for j = 0, 1 (so 2 pseudo-seeds per model; the real scan gives "
              "re-checked labels 2-4 restarts).", "",
              "| variant | infected exact (all pseudo-seeds) | clean flagged | models whose call differs between "
-             "pseudo-seeds | wrong calls / calls | lowest target score | highest non-target score |",
+             "pseudo-seeds | wrong calls / calls | lowest target margin | highest non-target margin |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     p = paper_rule(models)
     lines.append(f"| paper: MAD index > 2, one run | {p['infected_exact']}/{p['infected']} | "
@@ -340,8 +380,8 @@ def write_replay(models: list[dict[str, Any]], tag: str) -> None:
         lines.append(f"| {name} | {s['infected_exact']}/{s['infected']} | {s['clean_flagged']}/{s['clean']} | "
                      f"{s['flips']} | {s['wrong_runs']}/{s['runs']} | {lo:.2f} | {hi:.2f} |")
         base = base or out
-    lines += ["", "Per model, default decision (score = log-size score; flag line 3.3, borderline 2.9-3.3):", "",
-              "| model | family | attack | targets | calls | target score | highest other score | extra label-runs |",
+    lines += ["", "Per model, default decision (margin = log-size score minus the label's line (3.1, or 1.8 for a compact mask); flagged above +0.2, borderline within 0.2):", "",
+              "| model | family | attack | targets | calls | target margin | highest other margin | extra label-runs |",
               "|---|---|---|---|---|---|---|---|"]
     for r in base["rows"]:
         calls = " ".join(f"{v}{f if f else ''}" for v, f in zip(r["verdicts"], r["flagged"]))

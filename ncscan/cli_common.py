@@ -258,7 +258,7 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to optimise: 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table (machine formats still print).")]
 RayOpt = Annotated[Optional[str], typer.Option("--ray", help="Run the label chunks as Ray tasks on a cluster: auto (the one `ray start` runs here), local (start one for this run), HOST:PORT or ray://HOST:PORT. Needs ncscan[ray].", show_default=False)]
-ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help=f"Decision line on the log-size score (default {_DECIDE.threshold}): a label scoring above threshold + band ({_DECIDE.band}) is flagged, one within the band is borderline.", show_default=False)]
+ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help=f"Decision line on the log-size score (default {_DECIDE.threshold}): a label scoring above its line + band ({_DECIDE.band}) is flagged, one within the band is borderline; a label with a compact (patch-like) mask is held to threshold - {_DECIDE.compact_relief:g}.", show_default=False)]
 ScheduleOpt = Annotated[Schedule, typer.Option("--schedule", help="fast (ncscan default, labels batched) or reference (the original algorithm's settings, one label at a time).", case_sensitive=False)]
 MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Cap on optimisation steps per label.", min=1)]
 BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per label per mini-batch.", min=1)]

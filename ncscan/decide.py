@@ -22,9 +22,18 @@ up to 2x its true size) is found small again from another start. Restarts (other
 and image orders) go only to labels near the line, so a model whose labels are all far from it
 costs no more than one run.
 
-Decision bands (all in score units): flagged when score > threshold + band; borderline when
-within `band` of the threshold after the allowed re-checks; otherwise not flagged. A verdict
-never rests on a borderline label: a model with one and no flagged label is inconclusive.
+Shape, the second piece of evidence. Some clean classes naturally have small triggers (a
+silhouette class, a "Bag"): their reversed masks are spread thinly over the image. A patch
+backdoor's reversed mask is concentrated: most of its mass sits in one small square. A label's
+`compactness` is the largest share of its mask's mass inside one square window of side
+`compact_window * sqrt(L1)` (so it scales with the trigger, not with the image). A compact
+label (compactness >= compact_share) is held to a lower line, threshold - compact_relief; any
+other label to the threshold itself. Shape only ever lowers the line: a spread-out trigger that
+is small enough (a watermark, a blended pattern) is flagged on size alone, as before.
+
+Decision bands (all in score units): flagged when score > line + band; borderline when within
+`band` of the line after the allowed re-checks; otherwise not flagged. A verdict never rests
+on a borderline label: a model with one and no flagged label is inconclusive.
 """
 
 from __future__ import annotations
@@ -52,6 +61,9 @@ class DecideConfig:
         screen_margin: how far below the band a single run's score still earns restarts (a
             single run is noisier than the median of several).
         size_of_runs: how a label's runs make its size: "min" (default) or "median".
+        compact_window: side of the compactness window, in units of sqrt(mask L1).
+        compact_share: compactness at or above which a label is held to the lower line.
+        compact_relief: how much lower (in score units) the line is for a compact label.
     """
 
     threshold: float = 3.1
@@ -61,6 +73,9 @@ class DecideConfig:
     recheck_restarts: int = 2
     screen_margin: float = 1.0
     size_of_runs: str = "min"
+    compact_window: float = 1.25
+    compact_share: float = 0.52
+    compact_relief: float = 1.3
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,11 +92,12 @@ class Decision:
     size: np.ndarray  # per position: median L1 over its runs (NaN when none worked)
     center: float  # median log size
     scale: float  # the spread used (after the floor)
+    line: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per position: its line
     reasons: list[str] = field(default_factory=list)
 
-    def margin(self, threshold: float) -> np.ndarray:
-        """Score minus threshold: how far each label sits from the line."""
-        return self.score - threshold
+    def margin(self) -> np.ndarray:
+        """Score minus the label's line: how far each label sits from it."""
+        return self.score - self.line
 
 
 def label_size(runs: Sequence[float], how: str = "median") -> float:
@@ -119,22 +135,53 @@ def log_scores(
     return score, center, scale
 
 
-def needs_restart(runs: list[list[float]], cfg: DecideConfig, reference: np.ndarray | None = None) -> list[int]:
-    """Positions whose evidence is near enough the line that more runs could change the call.
+def compactness(mask: np.ndarray, window: float) -> float:
+    """The largest share of the mask's mass inside one square of side ceil(window * sqrt(L1))
+    pixels (at least 2, at most the image): near 1 for a patch, small for a spread-out mask.
+    NaN for an empty mask."""
+    m = np.clip(np.asarray(mask, dtype=np.float64), 0.0, None)
+    total = float(m.sum())
+    if not np.isfinite(total) or total <= 0:
+        return float("nan")
+    h, w = m.shape
+    side = min(max(2, int(np.ceil(window * np.sqrt(total)))), h, w)
+    c = np.pad(m.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # integral image: O(h*w) for any side
+    sums = c[side:, side:] - c[:-side, side:] - c[side:, :-side] + c[:-side, :-side]
+    return float(min(sums.max() / total, 1.0))
 
-    A label with one run is re-run when its score is above threshold - band - screen_margin;
-    a label with more runs (up to 1 + restarts + recheck_restarts) when it is still within
-    the band.
+
+def lines(compact: Sequence[float] | None, n: int, cfg: DecideConfig) -> np.ndarray:
+    """Each position's decision line: threshold - compact_relief where the label's trigger is
+    compact (compactness >= compact_share), else the threshold."""
+    line = np.full(n, cfg.threshold, dtype=np.float64)
+    if compact is not None:
+        c = np.nan_to_num(np.asarray(compact, dtype=np.float64), nan=-1.0)
+        line[c >= cfg.compact_share] -= cfg.compact_relief
+    return line
+
+
+def needs_restart(
+    runs: list[list[float]],
+    cfg: DecideConfig,
+    reference: np.ndarray | None = None,
+    compact: Sequence[float] | None = None,
+) -> list[int]:
+    """Positions whose evidence is near enough their line that more runs could change the call.
+
+    A label with one run is re-run when its score is above line - band - screen_margin; a
+    label with more runs (up to 1 + restarts + recheck_restarts) when it is still within the
+    band. `compact`: per position, the compactness of the run that gives its size.
     """
     size = np.array([label_size(r, cfg.size_of_runs) for r in runs])
     score, _, _ = log_scores(size, scale_floor=cfg.scale_floor, reference=reference)
+    line = lines(compact, len(runs), cfg)
     out = []
     for i, r in enumerate(runs):
         if not np.isfinite(score[i]):
             continue
-        if len(r) == 1 and score[i] > cfg.threshold - cfg.band - cfg.screen_margin and cfg.restarts > 0:
+        if len(r) == 1 and score[i] > line[i] - cfg.band - cfg.screen_margin and cfg.restarts > 0:
             out.append(i)
-        elif 1 < len(r) < 1 + cfg.restarts + cfg.recheck_restarts and abs(score[i] - cfg.threshold) <= cfg.band:
+        elif 1 < len(r) < 1 + cfg.restarts + cfg.recheck_restarts and abs(score[i] - line[i]) <= cfg.band:
             out.append(i)
     return out
 
@@ -145,6 +192,7 @@ def decide(
     *,
     reference: np.ndarray | None = None,
     eligible: np.ndarray | None = None,
+    compact: Sequence[float] | None = None,
 ) -> Decision:
     """The verdict from per-label runs.
 
@@ -153,6 +201,8 @@ def decide(
         cfg: the decision constants.
         reference: labels that define the centre and spread (pre-screening's sample).
         eligible: labels that may be flagged (pre-screening: not screened out); default all.
+        compact: per position, the compactness of the run that gives its size (None: size
+            alone, every label held to the threshold).
 
     Returns:
         The Decision. Verdict "inconclusive" when fewer than 3 labels have a working trigger,
@@ -163,12 +213,12 @@ def decide(
     score, center, scale = log_scores(size, scale_floor=cfg.scale_floor, reference=reference)
     elig = np.ones(len(runs), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
     fin = np.isfinite(score)
-    hi = cfg.threshold + cfg.band
-    lo = cfg.threshold - cfg.band
-    flag_pos = np.flatnonzero(elig & fin & (np.nan_to_num(score, nan=-np.inf) > hi))
-    flagged = [int(i) for i in flag_pos[np.argsort(-score[flag_pos], kind="stable")]]
-    bl = np.flatnonzero(elig & fin & (np.nan_to_num(score, nan=-np.inf) > lo) & (np.nan_to_num(score, nan=np.inf) <= hi))
-    borderline = [int(i) for i in bl[np.argsort(-score[bl], kind="stable")]]
+    line = lines(compact, len(runs), cfg)
+    margin = np.where(fin, score - line, np.nan)
+    flag_pos = np.flatnonzero(elig & fin & (np.nan_to_num(margin, nan=-np.inf) > cfg.band))
+    flagged = [int(i) for i in flag_pos[np.argsort(-margin[flag_pos], kind="stable")]]
+    bl = np.flatnonzero(elig & fin & (np.abs(np.nan_to_num(margin, nan=np.inf)) <= cfg.band))
+    borderline = [int(i) for i in bl[np.argsort(-margin[bl], kind="stable")]]
     n_found = int((elig & fin).sum())
     reasons: list[str] = []
     if flagged:
@@ -185,4 +235,4 @@ def decide(
     else:
         verdict = "clean"
     return Decision(verdict=verdict, flagged=flagged, borderline=borderline, score=score, size=size,
-                    center=center, scale=scale, reasons=reasons)
+                    center=center, scale=scale, line=line, reasons=reasons)

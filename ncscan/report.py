@@ -112,9 +112,9 @@ def sarif_driver() -> dict[str, Any]:
                     "text": (
                         "Neural Cleanse reverse-engineers the smallest input patch that "
                         "sends clean images to each label. A label whose patch is an "
-                        "outlier on the small side (log-size score above the threshold "
-                        "and its band, confirmed by restarts) is likely the target of a "
-                        "backdoor trigger."
+                        "outlier on the small side (log-size score above its line and "
+                        "band, confirmed by restarts; the line is lower for a compact, "
+                        "patch-like trigger) is likely the target of a backdoor trigger."
                     )
                 },
                 "help": {
@@ -150,8 +150,8 @@ def to_sarif(report: ScanReport, model_uri: str | None = None) -> dict[str, Any]
                     "text": (
                         f"Backdoor suspected: label {lab}{name} has an abnormally small reversed "
                         f"trigger (mask L1 {r.mask_l1:.1f} vs median {report.median_l1:.1f}, score "
-                        f"{r.score:.2f} > {report.threshold:g} + {report.decide_config.band:g}, "
-                        f"{len(r.run_l1)} run(s)); the trigger sends "
+                        f"{r.score:.2f} > line {r.line:g} + {report.decide_config.band:g}, evidence "
+                        f"{r.evidence}, {len(r.run_l1)} run(s)); the trigger sends "
                         f"{r.attack_success:.0%} of clean images to label {lab}."
                     )
                 },
@@ -170,7 +170,10 @@ def to_sarif(report: ScanReport, model_uri: str | None = None) -> dict[str, Any]
                     "label": lab,
                     "mask_l1": round(r.mask_l1, 4),
                     "score": round(r.score, 4),
-                    "margin": round(r.score - report.threshold, 4),
+                    "margin": round(r.score - r.line, 4),
+                    "line": round(r.line, 4),
+                    "compactness": round(r.compactness, 4),
+                    "evidence": r.evidence,
                     "anomaly_index": round(r.anomaly_index, 4),
                     "attack_success": round(r.attack_success, 4),
                     "model_sha256": report.model_sha256,
@@ -355,13 +358,14 @@ def render_table(
         console.print(f"[yellow]warning:[/] {w}")
     t = Table(title=f"ncscan · {report.model}", title_justify="left")
     # Narrow headers and an unwrapped note column: the table must stay readable in an 80-column
-    # CI log (the margin is score - threshold; the JSON carries it per label).
+    # CI log (the margin is score - line; the JSON carries it per label).
     t.add_column("label", justify="right")
     t.add_column("name", overflow="fold")
     t.add_column("mask L1", justify="right")
     t.add_column("runs", justify="right")
     t.add_column("ASR¹", justify="right")
     t.add_column("score", justify="right")
+    t.add_column("line", justify="right")
     t.add_column("paper idx", justify="right")
     t.add_column("", no_wrap=True)
     notes = {"flagged": "FLAGGED", "borderline": "borderline", "no_trigger": "no trigger found",
@@ -372,7 +376,7 @@ def render_table(
         # A label with no working trigger has no meaningful size or score: its last mask is
         # shown in brackets and the score as a dash.
         l1_s = f"{r.mask_l1:.1f}" if r.converged else f"({r.mask_l1:.1f})"
-        sc = (f"{r.score:.2f}", f"{r.anomaly_index:.2f}") if r.converged else ("-",) * 2
+        sc = (f"{r.score:.2f}", f"{r.line:.1f}", f"{r.anomaly_index:.2f}") if r.converged else ("-",) * 3
         t.add_row(
             str(r.label), r.name or "", l1_s, str(len(r.run_l1)), f"{r.attack_success:.1%}", *sc,
             notes.get(r.decision, ""), style=styles.get(r.decision, ""),
@@ -391,7 +395,8 @@ def render_table(
         "¹ attack success on every clean image not of that label (a trigger counts as working when "
         "it reaches 99% on a fixed check sample of up to 256 of them during optimisation). score: "
         "how much smaller the label's trigger is than typical (log scale, in robust spreads); "
-        "flagged above threshold + band. paper idx: the paper's MAD anomaly index, for comparison."
+        "flagged above line + band. line: the threshold, or lower for a compact (patch-like) "
+        "mask. paper idx: the paper's MAD anomaly index, for comparison."
     )
     for lab in report.flagged:
         r = report.by_label[lab]
@@ -410,7 +415,7 @@ def render_verdict(report: ScanReport, console: Any) -> None:
     if report.verdict == "backdoor":
         labs = ", ".join(str(v) for v in report.flagged)
         console.print(
-            f"[bold red]BACKDOOR[/] suspected: label(s) {labs} (score > {report.threshold:g} + "
+            f"[bold red]BACKDOOR[/] suspected: label(s) {labs} (score above its line + "
             f"{report.decide_config.band:g}; margin {report.margin:+.2f})"
         )
     elif report.verdict == "clean":

@@ -15,7 +15,7 @@ import torch
 
 from . import __version__, sanity
 from .data import Dataset, LoadProgress, check_labels, check_resize, load_data
-from .decide import DecideConfig, Decision, decide, needs_restart
+from .decide import DecideConfig, Decision, compactness, decide, needs_restart
 from .errors import ConfigError, DataError, DeviceError, ModelError
 from .model import OnnxModel, Parity, check_parity, convert, load_onnx, ort_run, ort_session
 from .preprocess import (
@@ -91,16 +91,24 @@ class LabelResult:
     run_l1: tuple[float, ...] = ()  # each run's L1 (NaN where a run found no working trigger)
     consistency: float | None = None  # mean pairwise cosine of the runs' masks (>= 2 runs)
     decision: str = "clear"  # flagged | borderline | clear | no_trigger | screened_out
+    compactness: float = float("nan")  # ncscan.decide.compactness of the reported mask
+    line: float = float("nan")  # the score this label is held to (lower when its mask is compact)
+    evidence: str = "size"  # what set the line: "size", or "size+compact" (a compact mask)
 
     def to_dict(self, threshold: float | None = None, with_trigger: bool = False) -> dict[str, Any]:
-        """The label's JSON; `margin` (score - threshold) needs the scan's threshold."""
+        """The label's JSON; `margin` is score - line (its own line; `threshold` is used only
+        for a result built without one)."""
+        line = self.line if np.isfinite(self.line) else threshold
         d: dict[str, Any] = {
             "label": self.label,
             "name": self.name,
             "mask_l1": round(self.mask_l1, 4),
             "attack_success": _finite(self.attack_success),
             "score": _finite(self.score) if self.converged else None,
-            "margin": _finite(self.score - threshold) if self.converged and threshold is not None else None,
+            "margin": _finite(self.score - line) if self.converged and line is not None else None,
+            "line": _finite(line) if line is not None else None,
+            "compactness": _finite(self.compactness),
+            "evidence": self.evidence,
             "decision": self.decision,
             "runs": len(self.run_l1),
             "run_mask_l1": [_finite(v) for v in self.run_l1],
@@ -603,7 +611,10 @@ def _restarts(
     ref_mask = None if reference is None else np.array([t in reference for t in todo])
     passes = 0
     for rnd, n in enumerate((dcfg.restarts, dcfg.recheck_restarts)):
-        near = needs_restart([[_l1(tr) for tr in runs[t]] for t in todo], dcfg, reference=ref_mask)
+        near = needs_restart(
+            [[_l1(tr) for tr in runs[t]] for t in todo], dcfg, reference=ref_mask,
+            compact=[_compactness(runs[t], dcfg) for t in todo],
+        )
         labs = [todo[i] for i in near if todo[i] not in screened and (rnd == 0) == (len(runs[todo[i]]) == 1)]
         for k in range(n if labs else 0):
             got, info = reverse_engineer(
@@ -623,6 +634,12 @@ def _size_run(runs: list[LabelTrace], how: str = "median") -> LabelTrace:
     if not ok:
         return runs[0]
     return ok[0] if how == "min" else ok[(len(ok) - 1) // 2]
+
+
+def _compactness(runs: list[LabelTrace], dcfg: DecideConfig) -> float:
+    """`ncscan.decide.compactness` of the run that gives the label its size (NaN: none worked)."""
+    tr = _size_run(runs, dcfg.size_of_runs)
+    return compactness(tr.trigger.mask, dcfg.compact_window) if tr.found else float("nan")
 
 
 def _consistency(runs: list[LabelTrace]) -> float | None:
@@ -654,7 +671,8 @@ def build_report(
     labs = [tr.label for tr in traces]
     ref_mask = None if reference is None else np.array([t in reference for t in labs])
     eligible = np.array([t not in screened for t in labs])
-    d = decide([[_l1(tr) for tr in r] for r in runs], dcfg, reference=ref_mask, eligible=eligible)
+    compact = [_compactness(r, dcfg) for r in runs]
+    d = decide([[_l1(tr) for tr in r] for r in runs], dcfg, reference=ref_mask, eligible=eligible, compact=compact)
     paper = anomaly_indices(d.size, threshold=2.0, reference=ref_mask)
     names = _class_names(prep)
     results = [
@@ -674,6 +692,9 @@ def build_report(
             run_l1=tuple(_l1(r) for r in runs[i]),
             consistency=_consistency(runs[i]),
             decision=_label_decision(i, d, screened, tr.label),
+            compactness=compact[i],
+            line=float(d.line[i]),
+            evidence="size+compact" if d.line[i] < dcfg.threshold else "size",
         )
         for i, tr in enumerate(traces)
     ]
@@ -721,13 +742,14 @@ def build_report(
 
 def verdict_margin(d: Decision, dcfg: DecideConfig, eligible: np.ndarray) -> float | None:
     """How far the verdict sits from the line, in score units: for a backdoor, the weakest
-    flagged label's score minus the threshold; for a clean model, the threshold minus the
-    largest eligible score. None when inconclusive."""
+    flagged label's margin (score minus its line); for a clean model, minus the largest
+    eligible margin (how far the nearest label stays below its line). None when inconclusive."""
+    m = d.margin()
     if d.verdict == "backdoor":
-        return float(min(d.score[i] for i in d.flagged) - dcfg.threshold)
-    sc = d.score[eligible & np.isfinite(d.score)]
+        return float(min(m[i] for i in d.flagged))
+    sc = m[eligible & np.isfinite(m)]
     if d.verdict == "clean" and len(sc):
-        return float(dcfg.threshold - sc.max())
+        return float(-sc.max())
     return None
 
 

@@ -25,7 +25,7 @@ JSON_FIELDS = {
 }
 LABEL_FIELDS = {
     "label", "mask_l1", "attack_success", "anomaly_index", "steps", "score", "margin", "decision", "runs",
-    "run_mask_l1", "consistency",
+    "run_mask_l1", "consistency", "line", "compactness", "evidence",
 }
 
 
@@ -61,7 +61,11 @@ def test_infected_exit_code_and_json(infected_json: dict[str, Any]) -> None:
     # The flagged label was confirmed by restarts, and the verdict's margin is its margin.
     assert target["decision"] == "flagged" and target["runs"] >= 2
     assert target["margin"] == pytest.approx(rep["margin"], abs=1e-3)
-    assert target["score"] > rep["threshold"] + rep["band"]
+    # A BadNets square: a compact mask, held to the lower line; its margin is score - line.
+    assert target["evidence"] == "size+compact" and target["compactness"] > 0.8
+    assert target["line"] == pytest.approx(rep["threshold"] - DecideConfig().compact_relief)
+    assert target["margin"] == pytest.approx(target["score"] - target["line"], abs=1e-3)
+    assert target["score"] > target["line"] + rep["band"]
     assert rep["model_sha256"] == infected_json["entry"]["sha256"]
     assert len(rep["labels"]) == 10
     for lab in rep["labels"]:

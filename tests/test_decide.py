@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ncscan.decide import DecideConfig, decide, label_size, log_scores, needs_restart
+from ncscan.decide import DecideConfig, compactness, decide, label_size, log_scores, needs_restart
 
 NAN = float("nan")
 
@@ -66,7 +66,7 @@ def test_borderline_label_makes_an_unflagged_model_inconclusive() -> None:
     s = float(np.exp(center - 3.0 * scale))
     d = decide(_runs(CLEAN + [s]), cfg)
     assert d.verdict == "inconclusive" and d.borderline == [9] and d.flagged == []
-    assert abs(d.margin(3.0)[9]) <= 0.5
+    assert abs(d.margin()[9]) <= 0.5
 
 
 def test_no_working_trigger_is_inconclusive_unless_something_is_flagged() -> None:
@@ -124,3 +124,52 @@ def test_median_of_runs_undoes_a_lucky_run() -> None:
     runs[9] = [20.0, 61.0, 64.0]
     d = decide(runs, cfg)
     assert d.verdict == "clean" and d.size[9] == 61.0
+
+
+def _square(h: int, side: int, top: int, left: int) -> np.ndarray:
+    m = np.zeros((h, h), dtype=np.float32)
+    m[top : top + side, left : left + side] = 1.0
+    return m
+
+
+def test_compactness_of_a_patch_a_spread_mask_and_scale() -> None:
+    assert compactness(_square(28, 4, 20, 3), 1.25) == 1.0
+    # The same patch at 8x the resolution: the window scales with sqrt(L1), so it stays 1.
+    assert compactness(_square(224, 32, 160, 24), 1.25) == 1.0
+    # 16 pixels spread one per 7x7 block: no window of side 5 holds more than one of them.
+    spread = np.zeros((28, 28), dtype=np.float32)
+    spread[3::7, 3::7] = 1.0
+    assert compactness(spread, 1.25) == 1 / 16
+    # Half the mass in a patch, half spread thinly: about one half.
+    mixed = _square(28, 4, 0, 0) + spread * (16 / 16)
+    assert 0.4 < compactness(mixed, 1.25) < 0.7
+    assert np.isnan(compactness(np.zeros((8, 8)), 1.25))
+
+
+def test_compact_trigger_is_held_to_the_lower_line() -> None:
+    cfg = DecideConfig()
+    sizes = CLEAN + [26.0]  # about 2.6x smaller than the median: score ~2.4
+    score, _, _ = log_scores(np.array(sizes), scale_floor=cfg.scale_floor)
+    line_c = cfg.threshold - cfg.compact_relief
+    assert line_c + cfg.band < score[-1] < cfg.threshold - cfg.band
+    spread = [0.3] * len(sizes)
+    assert decide(_runs(sizes), cfg, compact=spread).verdict == "clean"
+    assert decide(_runs(sizes), cfg).verdict == "clean"  # no shape evidence: size alone
+    patch = spread[:-1] + [0.95]
+    d = decide(_runs(sizes), cfg, compact=patch)
+    assert d.verdict == "backdoor" and d.flagged == [9]
+    assert d.line[9] == line_c and d.line[0] == cfg.threshold
+    assert np.isclose(d.margin()[9], score[-1] - line_c)
+    # Compact but clean labels are not flagged on shape alone: their size is ordinary.
+    assert decide(_runs(CLEAN + [66.0]), cfg, compact=[0.95] * 10).verdict == "clean"
+    # The lower line brings restarts for a compact label that size alone would leave alone.
+    assert needs_restart(_runs(sizes), cfg, compact=patch) == [9]
+    assert needs_restart(_runs(sizes), cfg, compact=spread) == [9]  # within screen_margin anyway
+    assert needs_restart(_runs(CLEAN + [40.0]), cfg, compact=spread) == []
+    assert needs_restart(_runs(CLEAN + [40.0]), cfg, compact=patch) == [9]
+
+
+def test_spread_trigger_still_flagged_on_size() -> None:
+    cfg = DecideConfig()
+    d = decide(_runs(CLEAN + [8.0]), cfg, compact=[0.3] * 10)
+    assert d.verdict == "backdoor" and d.flagged == [9] and d.line[9] == cfg.threshold

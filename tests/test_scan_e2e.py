@@ -39,7 +39,7 @@ def test_fixture_verdict(e: dict[str, Any]) -> None:
         for t in e["targets"]:
             lr = r.by_label[t]
             assert lr.attack_success >= 0.9, summary
-            assert lr.decision == "flagged" and lr.score > r.threshold + r.decide_config.band, summary
+            assert lr.decision == "flagged" and lr.score > lr.line + r.decide_config.band, summary
     else:
         assert r.verdict == "clean", summary
         assert r.flagged == [], summary
