@@ -206,3 +206,35 @@ def test_every_refused_node_is_listed_in_one_line(tmp_path: Path) -> None:
     msg = str(ei.value)
     assert "\n" not in msg
     assert "auto_pad" in msg and "antialias" in msg, msg
+
+
+# ----------------------------------------------------------------------------- dynamo fixtures
+
+
+def _dynamo_entries() -> list[object]:
+    from .conftest import fixture_entries
+
+    return [
+        pytest.param(e, id=e["name"]) for e in fixture_entries() if e["exporter"] == "torch-dynamo"
+    ]
+
+
+@pytest.mark.parametrize("e", _dynamo_entries())
+def test_dynamo_fixture_converts_with_parity(e: dict) -> None:
+    """The fixtures exported by torch's dynamo exporter (opset 18+: Reshape-19 with
+    allowzero, Gelu-20, LayerNormalization, ... for the ViT) need ncscan's converters; with
+    them the torch module matches onnxruntime on real test images, and gradients reach the
+    input (the trigger search needs them)."""
+    m = load_onnx(e["_abs"]["file"])
+    net = convert(m).eval()
+    z = np.load(e["_abs"]["test_data"])
+    x = np.ascontiguousarray(z["x"][:64].transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+    assert e["layout"] == "NCHW" and e["preprocess"]["pixel_range"] == [0.0, 1.0]
+    ref = _ort(m.proto, {m.proto.graph.input[0].name: x})[0]
+    xt = torch.from_numpy(x).requires_grad_(True)
+    got = net(xt)
+    diff = float(np.abs(got.detach().numpy() - ref).max() / max(1.0, np.abs(ref).max()))
+    assert diff <= 1e-4, diff
+    assert (got.detach().numpy().argmax(1) == ref.argmax(1)).all()
+    got[:, 0].sum().backward()
+    assert xt.grad is not None and torch.isfinite(xt.grad).all() and xt.grad.abs().sum() > 0
