@@ -779,7 +779,7 @@ def prune_stage(
         ctx.warnings.append(
             f"pruning did not bring the reversed trigger's attack success below {TARGET_ASR:.0%} "
             f"(stopped by {po.stopped_by.replace('_', ' ')} after {po.count}/{po.total} neurons); "
-            "the paper reports pruning works poorly on Trojan-style backdoors: try --unlearn"
+            "neuron pruning leaves this backdoor in place: try --unlearn"
         )
     ctx.timings["prune"] = time.perf_counter() - t3
     return {
