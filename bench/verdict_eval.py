@@ -186,13 +186,13 @@ def scan_one(job: tuple[dict[str, Any], int, int]) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     truth = sorted(entry["targets"]) if entry["infected"] else []
     by = rep.by_label
-    margin = {r.label: r.score - r.line for r in rep.labels}
+    margin = {r.label: r.margin for r in rep.labels}
     others = [v for k, v in margin.items() if k not in truth and np.isfinite(v)]
     return dict(
         name=entry["name"], seed=seed, verdict=rep.verdict, flagged=sorted(rep.flagged),
         borderline=rep.borderline, margin=rep.margin, paper_flagged=sorted(rep.paper_flagged),
         size_only=size_only_call(rep),
-        target_margin=[by[t].score - by[t].line for t in truth], target_evidence=[by[t].evidence for t in truth],
+        target_margin=[by[t].margin for t in truth], target_evidence=[by[t].evidence for t in truth],
         target_score=[by[t].score for t in truth], target_paper_index=[by[t].anomaly_index for t in truth],
         target_compactness=[by[t].compactness for t in truth],
         max_other_margin=max(others) if others else None, passes=rep.passes, wall=round(wall, 1),

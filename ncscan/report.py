@@ -170,7 +170,7 @@ def to_sarif(report: ScanReport, model_uri: str | None = None) -> dict[str, Any]
                     "label": lab,
                     "mask_l1": round(r.mask_l1, 4),
                     "score": round(r.score, 4),
-                    "margin": round(r.score - r.line, 4),
+                    "margin": round(r.margin, 4),
                     "line": round(r.line, 4),
                     "compactness": round(r.compactness, 4),
                     "evidence": r.evidence,

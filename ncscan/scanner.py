@@ -95,18 +95,21 @@ class LabelResult:
     line: float = float("nan")  # the score this label is held to (lower when its mask is compact)
     evidence: str = "size"  # what set the line: "size", or "size+compact" (a compact mask)
 
-    def to_dict(self, threshold: float | None = None, with_trigger: bool = False) -> dict[str, Any]:
-        """The label's JSON; `margin` is score - line (its own line; `threshold` is used only
-        for a result built without one)."""
-        line = self.line if np.isfinite(self.line) else threshold
+    @property
+    def margin(self) -> float:
+        """Score minus the label's own line: how far it sits from being flagged."""
+        return self.score - self.line
+
+    def to_dict(self, with_trigger: bool = False) -> dict[str, Any]:
+        """The label's JSON."""
         d: dict[str, Any] = {
             "label": self.label,
             "name": self.name,
             "mask_l1": round(self.mask_l1, 4),
             "attack_success": _finite(self.attack_success),
             "score": _finite(self.score) if self.converged else None,
-            "margin": _finite(self.score - line) if self.converged and line is not None else None,
-            "line": _finite(line) if line is not None else None,
+            "margin": _finite(self.margin) if self.converged else None,
+            "line": _finite(self.line),
             "compactness": _finite(self.compactness),
             "evidence": self.evidence,
             "decision": self.decision,
@@ -214,7 +217,7 @@ class ScanReport:
             "median_mask_l1": _finite(self.median_l1),
             "mad": _finite(self.mad),
             "score_scale": _finite(self.score_scale),
-            "labels": [r.to_dict(self.threshold, with_trigger=r.flagged) for r in self.labels],
+            "labels": [r.to_dict(with_trigger=r.flagged) for r in self.labels],
             # What each per-label figure is measured on, so 98.9% beside a 99% rule is no riddle.
             "measured_on": {
                 "attack_success": "every clean image whose label is not the target "

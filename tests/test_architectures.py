@@ -122,8 +122,8 @@ def test_output_name_scans_the_classifier_exactly_as_the_single_output_model(
     two = scan(p, e["_abs"]["scan_data"], output_name="output", **kw)
     one = scan(e["_abs"]["file"], e["_abs"]["scan_data"], **kw)
     assert two.num_classes == 10 and two.output == "logits"
-    assert [r.to_dict(two.threshold) for r in two.labels] == [
-        r.to_dict(one.threshold) for r in one.labels
+    assert [r.to_dict() for r in two.labels] == [
+        r.to_dict() for r in one.labels
     ]
     with pytest.raises(ModelError, match="--output-name"):
         scan(p, e["_abs"]["scan_data"], **kw)
