@@ -41,7 +41,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "nomix_3e-3": {"unlearn": True, "unlearn_config": {"lr": 3e-3, "mix": 0.0}},
     "plain_3e-4": {"unlearn": True, "unlearn_config": {"lr": 3e-4, "mix": 0.0, "distill": 0.0}},
     "filter": {"filter": True},
-    "prune": {"prune": True},
+    "prune": {"prune": True},  # the default of the day (rows before issue #16's Fine-Pruning: the paper's)
+    "prune_paper": {"prune": True, "prune_config": {"where": "penultimate", "budget": 2.0, "fine_tune_steps": 0}},
+    "fp_gap_noft": {"prune": True, "prune_config": {"fine_tune_steps": 0}},
+    "fp_gap": {"prune": True, "prune_config": {}},
+    "fp_dormant": {"prune": True, "prune_config": {"rank": "dormant"}},
+    "fp_gap_b10": {"prune": True, "prune_config": {"budget": 10.0}},
+    "fp_gap_nomix": {"prune": True, "prune_config": {"mix": 0.0}},
+    "fp_gap_b30": {"prune": True, "prune_config": {"budget": 30.0}},
+    "fp_dormant_b30": {"prune": True, "prune_config": {"rank": "dormant", "budget": 30.0}},
 }
 
 
@@ -72,6 +80,7 @@ def _reversed_report(e: dict[str, Any]) -> Path:
 
 
 def run_one(e: dict[str, Any], cname: str, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    from ncscan.mitigate.prune import PruneConfig
     from ncscan.mitigate.unlearn import UnlearnConfig
     from ncscan.patch import patch
     from ncscan.trigger import Trigger
@@ -79,6 +88,8 @@ def run_one(e: dict[str, Any], cname: str, x: np.ndarray, y: np.ndarray) -> dict
     kw = dict(CONFIGS[cname])
     if "unlearn_config" in kw:
         kw["unlearn_config"] = UnlearnConfig(**kw["unlearn_config"])
+    if "prune_config" in kw:
+        kw["prune_config"] = PruneConfig(**kw["prune_config"])
     model = EVAL / e["model"]
     rep = _reversed_report(e)
     row: dict[str, Any] = {
@@ -116,6 +127,8 @@ def run_one(e: dict[str, Any], cname: str, x: np.ndarray, y: np.ndarray) -> dict
             pruned=res.pruned_count,
             pruned_total=res.pruned_total,
             prune_stopped_by=res.prune_stopped_by,
+            prune_layer=res.prune_layer,
+            prune_curve=res.prune_curve,
             est_filter_fpr=res.filter_fpr,
             est_filter_fnr=res.filter_fnr,
         )

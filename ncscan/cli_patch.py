@@ -69,7 +69,8 @@ def render_patch(res: Any, console: Any) -> None:
         t.add_row(f"reversed-trigger attack success → {lab}", _pct(res.attack_success_before.get(lab)), after)
     if res.pruned_count is not None:
         ok = "reached" if res.prune_success else "NOT reached"
-        t.add_row("pruned neurons", "", f"{res.pruned_count}/{res.pruned_total} ({_pct(res.pruned_fraction)}; target {ok})")
+        where = f" of {res.prune_layer}" if res.prune_layer else ""
+        t.add_row("pruned neurons", "", f"{res.pruned_count}/{res.pruned_total}{where} ({_pct(res.pruned_fraction)}; target {ok})")
     if res.filter_threshold is not None:
         t.add_row("filter threshold", "", f"{res.filter_threshold:.4g} ({len(res.filter_neurons or [])} neuron(s))")
         t.add_row("filter FPR / FNR", "", f"{_pct(res.filter_fpr)} / {_pct(res.filter_fnr)}")
@@ -91,7 +92,7 @@ def patch_cmd(
     data: DataOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the patched ONNX model (atomically; never the input).")],
     unlearn: Annotated[bool, typer.Option("--unlearn", help="Fine-tune with reversed-trigger images that keep their true labels.")] = False,
-    prune: Annotated[bool, typer.Option("--prune", help="Zero the penultimate neurons the trigger excites until its attack success < 5%.")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Fine-Pruning: switch off the last conv layer's channels the trigger excites (until its attack success < 5% or --prune-budget), then fine-tune on the clean images.")] = False,
     filt: Annotated[bool, typer.Option("--filter", help="Add ncscan_score/ncscan_flag outputs that flag triggered inputs.")] = False,
     report: Annotated[Optional[Path], typer.Option("--report", help="A scan's JSON report (ncscan scan -f json); default: scan here.")] = None,
     label: Annotated[Optional[list[int]], typer.Option("--label", help="Patch this label (repeatable); default: the flagged labels.")] = None,
@@ -101,7 +102,9 @@ def patch_cmd(
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Cap on optimisation steps per label for the triggers reversed here (own scan, --label not in the report).", min=1)] = None,
     unlearn_rounds: Annotated[int, typer.Option("--unlearn-rounds", help="Unlearning rounds: after each, re-reverse the labels on the patched model and unlearn any working trigger still within 2x the original's L1 (1 = the paper's single round).", min=1)] = 1,
     fpr: Annotated[float, typer.Option("--fpr", help="Filter false-positive rate on new clean images (bounded with 90% confidence).")] = 0.05,
-    layer: Annotated[Optional[str], typer.Option("--layer", help="ONNX node (or tensor) whose output pruning/filter use (default: the input of the last Gemm/MatMul).")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="ONNX node (or tensor) whose output pruning and the filter use (default: pruning the last conv's channels, the filter the input of the last Gemm/MatMul).")] = None,
+    prune_budget: Annotated[float, typer.Option("--prune-budget", help="Clean-accuracy points pruning may cost before it stops (the fine-tune then wins accuracy back; the guard judges the result).", min=0.0)] = 5.0,
+    fine_tune_steps: Annotated[int, typer.Option("--fine-tune-steps", help="Fine-tuning steps after pruning, the pruned channels held at zero (0: prune only, as in the paper).", min=0)] = 150,
     max_accuracy_drop: Annotated[float, typer.Option("--max-accuracy-drop", help="Guard: largest clean-accuracy drop allowed, in points (the cross-fitted estimate).")] = 2.0,
     guard_folds: Annotated[int, typer.Option("--guard-folds", help="The guard's k-fold cross-fitting: k patches, each measured on the fold it never saw, then the patch on all images.", min=2)] = 5,
     force: Annotated[bool, typer.Option("--force", help="Write even when the guard fails.")] = False,
@@ -122,6 +125,7 @@ def patch_cmd(
     """Mitigate a found backdoor (unlearning, pruning, input filter) and write ONNX."""
     require_paths(model, data)  # before ncscan.patch loads torch
     from .io import atomic_write_text, check_output_path
+    from .mitigate.prune import PruneConfig
     from .patch import patch
 
     err = stderr_console(quiet)
@@ -156,6 +160,7 @@ def patch_cmd(
         unlearn_rounds=unlearn_rounds,
         fpr=fpr,
         layer=layer,
+        prune_config=PruneConfig(budget=prune_budget, fine_tune_steps=fine_tune_steps),
         max_accuracy_drop=max_accuracy_drop,
         guard_folds=guard_folds,
         force=force,

@@ -40,11 +40,13 @@ from .mitigate.layers import (
     Layer,
     activations,
     capture,
+    find_last_conv,
     find_layer,
     named_tensors,
     tensor_links,
     trainable_links,
 )
+from .mitigate.prune import PruneConfig, ranking
 from .mitigate.prune import prune as prune_neurons
 from .mitigate.unlearn import UnlearnConfig
 from .mitigate.unlearn import unlearn as unlearn_model
@@ -99,6 +101,9 @@ class PatchResult:
     pruned_fraction: float | None = None
     prune_success: bool | None = None
     prune_stopped_by: str | None = None
+    prune_layer: str | None = None  # the layer pruning switched neurons off in
+    prune_config: dict[str, Any] | None = None
+    prune_curve: list[list[float]] | None = None  # [pruned, accuracy, attack success] before the fine-tune
     layer: str | None = None
     filter_threshold: float | None = None
     filter_neurons: list[int] | None = None
@@ -336,6 +341,8 @@ class Plan:
     fpr: float
     top_fraction: float
     min_neurons: int
+    prune_cfg: PruneConfig = field(default_factory=PruneConfig)
+    prune_layer: Layer | None = None  # None: the filter's layer
 
     @property
     def changes_network(self) -> bool:
@@ -744,50 +751,56 @@ def prune_stage(
     y: torch.Tensor,
     lay: Layer,
     links: dict[str, Any],
-    *,
-    max_accuracy_drop: float,
+    cfg: PruneConfig,
 ) -> dict[str, Any]:
-    """Stage 4b: prune the layer's neurons the triggers excite (in place), judged on the
-    clean images x, y.
+    """Stage 4b: Fine-Pruning (in place), judged on the clean images x, y: switch off the
+    layer's neurons in `cfg.rank` order until the reversed triggers' attack success is below
+    TARGET_ASR or the accuracy fell `cfg.budget` points, then fine-tune on the clean images
+    with those neurons held at zero.
 
     Returns:
-        pruned_count, pruned_total, pruned_fraction, prune_success, prune_stopped_by.
+        pruned_count, pruned_total, pruned_fraction, prune_success, prune_stopped_by, and
+        the pruning curve ([count, accuracy, attack success] on x, y before the fine-tune).
     """
     t3 = time.perf_counter()
     pm, net, dev, trigs = ctx.pm, ctx.net, ctx.dev, ctx.triggers
-    xt, yt = x, y
-    acc_t0 = _accuracy(pm, xt, yt, dev)
-    gap = activations(pm, net, lay, _stamp_all(xt, yt, trigs)[0]).mean(0) - activations(
-        pm, net, lay, xt
-    ).mean(0)
+    acc_t0 = _accuracy(pm, x, y, dev)
+    teacher = copy.deepcopy(pm).eval() if cfg.fine_tune_steps > 0 else None
+    clean = activations(pm, net, lay, x).mean(0)
+    gap = activations(pm, net, lay, _stamp_all(x, y, trigs)[0]).mean(0) - clean
 
     def evaluate() -> tuple[float, float]:
-        a = attack_success(pm, xt, yt, trigs, device=dev)
-        return _accuracy(pm, xt, yt, dev), max(a.values())
+        a = attack_success(pm, x, y, trigs, device=dev)
+        return _accuracy(pm, x, y, dev), max(a.values())
 
     po = prune_neurons(
-        net,
-        lay,
-        links,
-        gap,
-        evaluate,
-        accuracy_before=acc_t0,
-        max_accuracy_drop=max_accuracy_drop,
-        target_asr=TARGET_ASR,
+        net, lay, links, ranking(gap, clean, cfg.rank), evaluate,
+        accuracy_before=acc_t0, max_accuracy_drop=cfg.budget, target_asr=TARGET_ASR,
     )
-    if not po.success:
+    success = po.success
+    if cfg.fine_tune_steps > 0 and po.count:
+        ft = UnlearnConfig(lr=cfg.lr, min_steps=cfg.fine_tune_steps, poison_fraction=0.0, adv_steps=0, mix=cfg.mix)
+        unlearn_model(
+            pm, net, x, y, [], trainable_links(links), ft, targets=[], seed=ctx.seed + 7, device=dev,
+            keep_zero=po.slices, teacher=teacher,
+        )
+        success = evaluate()[1] < TARGET_ASR
+    if not success:
         ctx.warnings.append(
-            f"pruning did not bring the reversed trigger's attack success below {TARGET_ASR:.0%} "
-            f"(stopped by {po.stopped_by.replace('_', ' ')} after {po.count}/{po.total} neurons); "
-            "neuron pruning leaves this backdoor in place: try --unlearn"
+            f"pruning {po.count}/{po.total} neurons of {lay.description} (stopped by "
+            f"{po.stopped_by.replace('_', ' ')}) left the reversed trigger's attack success at "
+            f"{TARGET_ASR:.0%} or more on this model: try --unlearn"
         )
     ctx.timings["prune"] = time.perf_counter() - t3
     return {
         "pruned_count": po.count,
         "pruned_total": po.total,
         "pruned_fraction": po.count / max(1, po.total),
-        "prune_success": po.success,
+        "prune_success": success,
         "prune_stopped_by": po.stopped_by,
+        "prune_curve": [[c, round(a, 6), round(r, 6)] for c, a, r in po.curve],
+        "prune_layer": lay.description,
+        "prune_config": cfg.to_dict(),
     }
 
 
@@ -857,7 +870,7 @@ def apply_plan(
         )
     if plan.prune:
         assert lay is not None
-        done.pruned = prune_stage(ctx, x, y, lay, links, max_accuracy_drop=plan.max_accuracy_drop)
+        done.pruned = prune_stage(ctx, x, y, plan.prune_layer or lay, links, plan.prune_cfg)
     if plan.filter:
         assert lay is not None
         done.profile = calibrate_filter(
@@ -1137,6 +1150,7 @@ def patch(
     max_accuracy_drop: float = 2.0,
     guard_folds: int = GUARD_FOLDS,
     unlearn_config: UnlearnConfig | None = None,
+    prune_config: PruneConfig | None = None,
     force: bool = False,
     seed: int = 0,
     device: str = "auto",
@@ -1174,11 +1188,13 @@ def patch(
         fpr: the filter's false-positive rate on new clean images (90% confidence bound).
         top_fraction, min_neurons: the filter's activation profile averages the top
             `top_fraction` of neurons (paper: 1%), at least `min_neurons`.
-        layer: ONNX node (or output tensor) whose output pruning/filter use
-            (default: the input of the last Gemm/MatMul).
+        layer: ONNX node (or output tensor) whose output pruning and the filter use
+            (default: the filter the input of the last Gemm/MatMul, pruning the last
+            convolution's channels; see PruneConfig.where).
         max_accuracy_drop: guard, in accuracy points.
         unlearn_config: every unlearning setting at once (overrides epochs, lr,
             batch_size, min_steps, poison_fraction, distill and adversarial_steps).
+        prune_config: Fine-Pruning's settings (None: the PruneConfig defaults).
         guard_folds: the before/after figures and the guard are measured by k-fold
             cross-fitting on all the clean images (each fold judged by the same patch
             made from the other folds); the written model is then patched with all of
@@ -1258,12 +1274,15 @@ def patch(
         fpr=fpr,
         top_fraction=top_fraction,
         min_neurons=min_neurons,
+        prune_cfg=prune_config or PruneConfig(),
     )
     from .export import snapshot
 
     links = tensor_links(ctx.net, ctx.om.proto)
     original = snapshot(ctx.net)
     lay = find_layer(ctx.om.proto, ctx.net, layer) if prune or filter else None
+    if prune and layer is None and plan.prune_cfg.where == "last_conv":
+        plan = replace(plan, prune_layer=find_last_conv(ctx.om.proto, ctx.net))
     # The filter profiles the ORIGINAL network whenever unlearning or pruning changes it:
     # after unlearning the reversed trigger no longer moves the patched network's neurons
     # (measured: 55.8% of triggered images missed when calibrated on the unlearned model).
@@ -1413,6 +1432,9 @@ def _result(
         pruned_fraction=p.get("pruned_fraction"),
         prune_success=p.get("prune_success"),
         prune_stopped_by=p.get("prune_stopped_by"),
+        prune_layer=p.get("prune_layer"),
+        prune_config=p.get("prune_config"),
+        prune_curve=p.get("prune_curve"),
         layer=lay.description if lay is not None else None,
         filter_threshold=done.profile.threshold if done.profile else None,
         filter_neurons=done.profile.neurons if done.profile else None,

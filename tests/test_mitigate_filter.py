@@ -19,11 +19,6 @@ TWO = FIX / "models" / "mnist_two_targets.onnx"
 SCAN = FIX / "data" / "mnist" / "scan"
 TEST = FIX / "data" / "mnist" / "test.npz"
 
-pytestmark = pytest.mark.skipif(
-    not SQUARE.exists() or not TEST.exists(), reason="fixtures not built"
-)
-
-
 def _test_images() -> tuple[np.ndarray, np.ndarray]:
     z = np.load(TEST)
     return z["x"].astype(np.float32).transpose(0, 3, 1, 2) / 255.0, z["y"]
@@ -72,7 +67,6 @@ def test_two_part_profile_exports_what_torch_computes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TWO.exists(), reason="fixtures not built")
 def test_two_targets_every_target_caught(tmp_path):
     """mnist_two_targets, 300-image folder, reversed triggers of both targets: on the 2,000
     held-out images the TRUE trigger of EACH target is caught (FNR <= 2%) at FPR <= 5%."""

@@ -79,11 +79,6 @@ def test_guard_decides_on_the_estimate():
 # ---------------------------------------------------------------- real models
 
 
-pytestmark_models = pytest.mark.skipif(
-    not MODEL.exists() or not TEST.exists(), reason="fixtures not built"
-)
-
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
     """A scan report carrying the REVERSED trigger of label 7 (only that label reversed)."""
@@ -116,7 +111,6 @@ def _true_drop(out: Path) -> float:
     return (accs[0] - accs[1]) * 100.0
 
 
-@pytestmark_models
 def test_cross_check_restores_the_original_weights(report):
     """The folds' patches never leak into the written model: after cross-fitting the network
     holds its original weights, and the check covered every image once."""
@@ -166,7 +160,6 @@ def test_cross_check_restores_the_original_weights(report):
 
 
 @pytest.mark.slow
-@pytestmark_models
 def test_guard_accepts_a_cheap_patch_and_refuses_a_costly_one(report, tmp_path):
     """On the fixed 300-image folder: the default unlearning, whose true cost on 2,000 held-out
     images is within the allowed 2.0 points (measured 1.05), passes; plain fine-tuning without

@@ -25,8 +25,6 @@ TEST = FIX / "data" / "mnist" / "test.npz"
 TRUE_TRIGGER = FIX / "triggers" / "mnist_badnets_square_t7.npz"
 TARGET = 7
 
-pytestmark = pytest.mark.skipif(not MODEL.exists() or not TEST.exists(), reason="fixtures not built")
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _threads():
@@ -199,21 +197,26 @@ def test_filter_wrapper(report, tmp_path):
     np.testing.assert_array_equal(p.flags, o_clean["ncscan_flag"][:50])
 
 
-def test_prune_reports(report, tmp_path):
+def test_prune_fine_prunes_the_last_conv(report, tmp_path):
+    """Fine-Pruning: the last conv's channels are switched off (weights and bias zero in the
+    written model) and the fine-tune keeps the clean accuracy on the 2,000 held-out images
+    within 2 points (pruning alone cost 4.7 points on a tuning model of the same family)."""
     from ncscan.patch import patch
 
     out = tmp_path / "pruned.onnx"
     res = patch(MODEL, SCAN, output=out, prune=True, report=report, device="cpu", seed=0, force=True)
-    assert res.pruned_count is not None and res.pruned_total == 64
-    assert res.written and res.parity_max_rel < 1e-4
-    changed = _structure_kept(MODEL, out)
-    assert changed == ["core.fc2.weight"]
-    w = numpy_helper.to_array({t.name: t for t in onnx.load(str(out)).graph.initializer}["core.fc2.weight"])
-    assert int((np.abs(w).sum(0) == 0).sum()) >= res.pruned_count
-    x, y, xt = _test_data()
-    asr = float((_ort(out, xt)["output"].argmax(1) == TARGET).mean())
+    assert res.prune_layer is not None and "Relu" in res.prune_layer and res.pruned_total == 32
+    assert res.pruned_count and res.written and res.parity_max_rel < 1e-4
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    conv_w = [k for k, v in inits.items() if v.ndim == 4 and v.shape[0] == 32 and not np.abs(v).sum((1, 2, 3)).all()]
+    assert len(conv_w) == 1
+    dead = np.flatnonzero(np.abs(inits[conv_w[0]]).sum((1, 2, 3)) == 0)
+    assert len(dead) == res.pruned_count
+    x, y, _ = _test_data()
+    before = float((_ort(MODEL, x)["output"].argmax(1) == y).mean())
     acc = float((_ort(out, x)["output"].argmax(1) == y).mean())
-    print(f"prune: {res.pruned_count}/{res.pruned_total} success={res.prune_success} test acc {acc:.4f} true ASR {asr:.4f}")
+    assert before - acc <= 0.02, (before, acc)
+    assert res.prune_curve and res.prune_curve[0][0] == 0 and res.prune_curve[-1][0] == res.pruned_count
 
 
 # ---------------------------------------------------------------- CLI
@@ -264,3 +267,29 @@ def test_cli_guard_fail_writes_nothing(tmp_path, report, capsys):
     assert rc == 1 and not out.exists()
     d = json.loads(capsys.readouterr().out)
     assert d["written"] is False and d["guard_passed"] is False and d["guard_reasons"]
+
+
+def test_prune_layer_is_the_last_conv_except_under_a_transformer():
+    """Fine-Pruning's layer: the CNN's last conv (hooked after its ReLU, the Conv pruned); a
+    ViT's only Conv is its patch embedding, so pruning falls back to the penultimate layer."""
+    from ncscan.mitigate.layers import find_last_conv
+    from ncscan.model import convert, load_onnx
+
+    cnn = load_onnx(MODEL)
+    net = convert(cnn)
+    lay = find_last_conv(cnn.proto, net)
+    assert lay is not None and "Relu" in lay.description and lay.prune_axis == "out"
+    assert isinstance(dict(net.named_modules())[lay.prune_module], torch.nn.Conv2d)
+    vit = load_onnx(FIX / "models" / "mnist_vit_clean.onnx")
+    assert find_last_conv(vit.proto, convert(vit)) is None
+
+
+def test_cli_prune_defaults_are_the_library_defaults():
+    import inspect
+
+    from ncscan.cli_patch import patch_cmd
+    from ncscan.mitigate.prune import PruneConfig
+
+    ps = inspect.signature(patch_cmd).parameters
+    assert ps["prune_budget"].default == PruneConfig.budget
+    assert ps["fine_tune_steps"].default == PruneConfig.fine_tune_steps

@@ -13,11 +13,13 @@ Two jobs:
   default the penultimate layer, i.e. the input of the last Gemm/MatMul before the output;
   `--layer NAME` picks the output of another node (ONNX node name, output tensor name, or
   onnx2torch module name).
+* `find_last_conv(proto, net)`: the last convolution's channels, where pruning looks by
+  default (Fine-Pruning); the penultimate layer when the model has no such conv.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -282,6 +284,41 @@ def find_layer(proto: onnx.ModelProto, net: torch.nn.Module, name: str | None = 
         prune_module=prune_mod, prune_axis="out",
         description=f"output of {n.name or uname} ({n.op_type})",
     )
+
+
+def zero_slices(tensors: dict[str, torch.Tensor], slices: Sequence[tuple[str, int, Sequence[int]]]) -> None:
+    """Zero, in place, each (tensor name, axis, indices) slice: a pruned neuron's weights."""
+    with torch.no_grad():
+        for name, axis, idx in slices:
+            t = tensors[name]
+            t.index_fill_(axis, torch.as_tensor(list(idx), dtype=torch.long, device=t.device), 0.0)
+
+
+# Activations a pruned channel may pass through on its way out of the last conv (the hooked
+# output is the last of these right after the Conv, so a channel is judged as the next layer
+# sees it: Fine-Pruning, Liu et al. 2018, prunes the last conv layer's post-activation channels).
+_CHANNELWISE = ("Relu", "LeakyRelu", "Clip", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish")
+# More linear nodes than this after the last Conv: a transformer body, not a classifier head.
+MAX_HEAD_LINEARS = 3
+
+
+def find_last_conv(proto: onnx.ModelProto, net: torch.nn.Module) -> Layer | None:
+    """The last convolution's channels (after its activation), where Fine-Pruning prunes; None
+    when the model has no Conv, or when more than MAX_HEAD_LINEARS Gemm/MatMul nodes follow it
+    (a ViT's only Conv is its patch embedding: the caller falls back to the penultimate layer)."""
+    nodes = list(unique_names(proto).items())
+    modules = dict(net.named_modules())
+    convs = [i for i, (u, n) in enumerate(nodes) if n.op_type == "Conv" and isinstance(modules.get(u), torch.nn.Conv2d)]
+    if not convs:
+        return None
+    last = convs[-1]
+    if sum(n.op_type in _LINEAR for _, n in nodes[last + 1 :]) > MAX_HEAD_LINEARS:
+        return None
+    uname, node = nodes[last]
+    consumers = [(u, n) for u, n in nodes if node.output[0] in n.input]
+    if len(consumers) == 1 and consumers[0][1].op_type in _CHANNELWISE and consumers[0][0] in modules:
+        uname, node = consumers[0]
+    return find_layer(proto, net, uname)
 
 
 @contextmanager

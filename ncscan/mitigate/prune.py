@@ -1,24 +1,71 @@
-"""Neuron pruning (Neural Cleanse, section 6.2).
+"""Neuron pruning: Neural Cleanse's (section 6.2) and Fine-Pruning (Liu et al. 2018).
 
-Neurons of the chosen layer (default: the penultimate, i.e. the input of the last
-Gemm/MatMul) are ranked by how much more they fire on reversed-trigger images than on
-clean ones; they are switched off in that order (their outgoing weights in the last layer
-are zeroed, or the producing layer's weights and bias for `--layer`) until the reversed
-trigger's attack success drops below 5% or the clean accuracy falls more than the guard
-allows (then the last step is undone). The paper reports that this works on BadNets and
-poorly on Trojan models; ncscan reports failure instead of hiding it.
+Neurons of the chosen layer are ranked (by default by how much more they fire on
+reversed-trigger images than on clean ones, the paper's order; or least active on clean
+images first, Fine-Pruning's) and switched off in that order (the producing Conv/Gemm's
+weights and bias are zeroed; for the penultimate layer, the last layer's incoming weights)
+until the reversed trigger's attack success drops below 5% or the clean accuracy has
+fallen by the budget (then the last step is undone). By default the layer is the last
+convolution's channels and a short fine-tune on the clean images follows, with the pruned
+channels held at zero (`ncscan.patch.prune_stage`), as Fine-Pruning does.
+
+Measured on the tuning split (bench/prune_results_tuning.md): on these small CNNs no
+variant (either layer, either order, budgets 5-30 points, with or without the fine-tune)
+brings the TRUE trigger's attack success under 5%; the fine-tune keeps the accuracy, the
+backdoor stays. ncscan reports that failure (warning, guard) instead of hiding it; unlearning
+is the mitigation that works on them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
 from ..errors import ConfigError
-from .layers import Layer, Link, named_tensors
+from .layers import Layer, Link, named_tensors, zero_slices
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Fine-Pruning's settings (defaults chosen on the tuning split: bench/prune_results.md).
+
+    Attributes:
+        where: "last_conv" (the last convolution's channels, Fine-Pruning's choice; the
+            penultimate layer when the model has none) or "penultimate" (the paper's layer).
+        rank: the order channels are switched off in: "gap" (most excited by the reversed
+            triggers relative to clean images first, the paper's order) or "dormant" (least
+            active on clean images first, Fine-Pruning's order).
+        budget: clean-accuracy points (on the patching images) pruning may cost before it
+            stops; the fine-tune then wins accuracy back, and the guard judges the result.
+        fine_tune_steps: Adam steps of fine-tuning on the clean images after pruning, the
+            pruned channels held at zero (0: prune only, as in the paper).
+        lr: the fine-tune's learning rate.
+        mix: weight of the fine-tune's distillation on mixup images (see UnlearnConfig.mix;
+            the teacher is the model before pruning, backdoor included).
+    """
+
+    where: str = "last_conv"
+    rank: str = "gap"
+    budget: float = 5.0
+    fine_tune_steps: int = 150
+    lr: float = 5e-4
+    mix: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ranking(gap: torch.Tensor, clean_mean: torch.Tensor, rank: str) -> torch.Tensor:
+    """A score per neuron, highest pruned first (see PruneConfig.rank)."""
+    if rank == "gap":
+        return gap
+    if rank == "dormant":
+        return -clean_mean
+    raise ConfigError(f"unknown pruning rank {rank!r}: use 'gap' or 'dormant'")
 
 
 @dataclass
@@ -31,6 +78,8 @@ class PruneOutcome:
     accuracy: float
     stopped_by: str  # "attack_success" | "accuracy_guard" | "exhausted"
     zeroed: list[str]
+    slices: list[tuple[str, int, list[int]]] = field(default_factory=list)  # what stays zero
+    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (pruned, accuracy, asr)
 
 
 def _targets(net: torch.nn.Module, layer: Layer, links: dict[str, Link]) -> list[tuple[str, int]]:
@@ -60,12 +109,7 @@ def _targets(net: torch.nn.Module, layer: Layer, links: dict[str, Link]) -> list
 
 
 def zero_neurons(net: torch.nn.Module, targets: list[tuple[str, int]], idx: list[int]) -> None:
-    tensors = named_tensors(net)
-    with torch.no_grad():
-        for name, axis in targets:
-            t = tensors[name]
-            ii = torch.tensor(idx, dtype=torch.long, device=t.device)
-            t.index_fill_(axis, ii, 0.0)
+    zero_slices(named_tensors(net), [(name, axis, idx) for name, axis in targets])
 
 
 def prune(
@@ -92,6 +136,7 @@ def prune(
     tensors = named_tensors(net)
     pruned: list[int] = []
     acc, asr = evaluate()
+    curve = [(0, acc, asr)]
     stopped = "exhausted"
     limit = int(total * max_fraction)
     while asr >= target_asr and len(pruned) < limit:
@@ -107,9 +152,11 @@ def prune(
             break
         pruned.extend(nxt)
         acc, asr = acc_new, asr_new
+        curve.append((len(pruned), acc, asr))
     if asr < target_asr:
         stopped = "attack_success"
     return PruneOutcome(
         count=len(pruned), total=total, order=pruned, success=asr < target_asr, asr=asr,
         accuracy=acc, stopped_by=stopped, zeroed=[n for n, _ in targets],
+        slices=[(n, axis, list(pruned)) for n, axis in targets], curve=curve,
     )

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..trigger import Trigger, from_raw, to_raw
-from .layers import Link, named_tensors
+from .layers import Link, named_tensors, zero_slices
 
 
 @dataclass(frozen=True)
@@ -260,9 +260,10 @@ def _setup(
     cfg: UnlearnConfig,
     seed: int,
     dev: torch.device,
+    teacher: torch.nn.Module | None = None,
 ) -> _Unlearning:
-    """The triggers on the device, the original model's outputs (the distillation targets)
-    and the adversaries."""
+    """The triggers on the device, the teacher's outputs (the distillation targets; default
+    teacher: a frozen copy of `pm` as it is now) and the adversaries."""
     gen = torch.Generator().manual_seed(seed)
     masks = [torch.from_numpy(t.mask).to(dev) for t in triggers]
     pats = [torch.from_numpy(t.pattern).to(dev) for t in triggers]
@@ -271,14 +272,14 @@ def _setup(
     mix_shift = side_pixels(cfg.mix_shift_fraction, min(int(x.shape[-2]), int(x.shape[-1])))
     pm.eval()
     # The original model: its outputs are the targets of the distillation terms.
-    teacher = None
-    if cfg.mix > 0:
+    if teacher is None and cfg.mix > 0:
         teacher = copy.deepcopy(pm).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+    src = teacher if teacher is not None else pm
     with torch.no_grad():
         ref_logp = torch.cat(
-            [F.log_softmax(pm(x[i : i + 256].to(dev)) / temp, 1).cpu() for i in range(0, n, 256)], 0
+            [F.log_softmax(src(x[i : i + 256].to(dev)) / temp, 1).cpu() for i in range(0, n, 256)], 0
         )
     advs = (
         [_Adversary(masks[j], pats[j], int(targets[j]), cfg) for j in range(len(triggers))]
@@ -286,7 +287,7 @@ def _setup(
         else []
     )
     return _Unlearning(
-        pm=pm, cfg=cfg, dev=dev, gen=gen, x=x, masks=masks, pats=pats, ref_logp=ref_logp, teacher=teacher,
+        pm=pm, cfg=cfg, dev=dev, gen=gen, x=x, masks=masks, pats=pats, ref_logp=ref_logp, teacher=teacher if cfg.mix > 0 else None,
         advs=advs, bs=min(cfg.batch_size, n), mix_shift=mix_shift,
     )
 
@@ -331,6 +332,8 @@ def unlearn(
     targets: Sequence[int],
     seed: int = 0,
     device: torch.device | str = "cpu",
+    keep_zero: Sequence[tuple[str, int, Sequence[int]]] = (),
+    teacher: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `net` (through the PixelModel `pm`) in place.
 
@@ -344,6 +347,10 @@ def unlearn(
         targets: the target label of each trigger (for the adversarial triggers).
         seed: seeds the batches, the stamping and the augmentation.
         device: where to train.
+        keep_zero: (tensor name, axis, indices) slices held at zero after every step (the
+            channels pruning removed stay removed while the rest is fine-tuned).
+        teacher: the model distilled towards (frozen, in pixel space); default a copy of
+            `pm` before training (Fine-Pruning passes the model as it was before pruning).
 
     Returns:
         Training stats (steps, tensors and values trained, first/last loss, the adversarial
@@ -360,7 +367,7 @@ def unlearn(
         raise RuntimeError("no trainable tensors")
     if len(targets) != len(triggers):
         raise ValueError(f"{len(targets)} targets for {len(triggers)} triggers")
-    u = _setup(pm, x, triggers, targets, cfg, seed, dev)
+    u = _setup(pm, x, triggers, targets, cfg, seed, dev, teacher)
     n, bs = len(x), u.bs
     steps = max(math.ceil(n / bs), cfg.min_steps) * max(1, cfg.epochs)
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -387,6 +394,7 @@ def unlearn(
             opt.step()
             for p in params:
                 p.requires_grad_(False)
+            zero_slices(tensors, keep_zero)
             losses.append(float(loss.detach()))
     finally:
         for p in params:
