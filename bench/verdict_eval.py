@@ -197,6 +197,9 @@ def scan_one(job: tuple[dict[str, Any], int, int]) -> dict[str, Any]:
         target_compactness=[by[t].compactness for t in truth],
         max_other_margin=max(others) if others else None, passes=rep.passes, wall=round(wall, 1),
         runs=sum(len(r.run_l1) for r in rep.labels), reasons=rep.reasons,
+        # per-label evidence, so a later decision can be replayed on these very runs
+        evidence=[{"label": r.label, "run_l1": [round(float(v), 4) for v in r.run_l1],
+                   "compactness": r.compactness, "screened_out": r.screened_out} for r in rep.labels],
     )
 
 

@@ -211,10 +211,10 @@ def _model_files(path: Path, proto: Any) -> dict[str, bytes]:
     """The .onnx file and any external-data files beside it, by name relative to it."""
     from onnx import TensorProto
 
-    from .model import _all_tensors
+    from .model import all_tensors
 
     files = {path.name: path.read_bytes()}
-    for t in _all_tensors(proto):
+    for t in all_tensors(proto):
         if t.data_location == TensorProto.EXTERNAL:
             loc = next((kv.value for kv in t.external_data if kv.key == "location"), None)
             if loc and loc not in files:

@@ -158,7 +158,7 @@ def _external_data(p: Path, proto: onnx.ModelProto, size: int) -> tuple[bool, bo
     missing: list[str] = []
     short: list[str] = []
     ext_bytes = 0
-    for t in _all_tensors(proto):
+    for t in all_tensors(proto):
         if t.data_location == TensorProto.EXTERNAL:
             has_ext = True
             info = {kv.key: kv.value for kv in t.external_data}
@@ -473,14 +473,15 @@ def external_locations(proto: onnx.ModelProto) -> set[str]:
     """The side files (relative to the model) that hold its external-data tensors."""
     return {
         kv.value
-        for t in _all_tensors(proto)
+        for t in all_tensors(proto)
         if t.data_location == TensorProto.EXTERNAL
         for kv in t.external_data
         if kv.key == "location"
     }
 
 
-def _all_tensors(proto: onnx.ModelProto) -> list[TensorProto]:
+def all_tensors(proto: onnx.ModelProto) -> list[TensorProto]:
+    """Every tensor stored in the graph: the initializers and the Constant nodes' values."""
     out = list(proto.graph.initializer)
     for n in proto.graph.node:
         for a in n.attribute:
