@@ -27,6 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from verdict_eval import EVAL, EVIDENCE, load_manifest, scan_kwargs  # noqa: E402
 
+from ncscan.inputs import InputOptions  # noqa: E402
+
 ALPHAS = np.array([0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
 
 
@@ -89,7 +91,7 @@ def probe(entry: dict, top: int, seed: int) -> list[dict]:
     mid = len(order) // 2
     labels = sorted(set(order[:top] + order[mid : mid + 2]))
     prep = prepare(str(EVAL / entry["model"]), str(EVAL / entry["scan_data"]), device="cpu", seed=seed,
-                   **scan_kwargs(entry))
+                   inputs=InputOptions(**scan_kwargs(entry)))
     traces, _ = reverse_engineer(prep.pixel_model, prep.x, prep.y, [int(v) for v in labels], preset("fast"), seed=seed)
     med = float(np.median(l1))
     rows = []

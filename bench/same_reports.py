@@ -3,6 +3,7 @@ the JSON reports (issue #18's refactoring must not change a verdict, a norm or a
 
     python bench/same_reports.py --base 57aaad7            # base revision vs the working tree
     python bench/same_reports.py --base 57aaad7 --head HEAD
+    python bench/same_reports.py --base 57aaad7 --only mnist_clean,cmnist_badnets
 
 Each revision's package is checked out into a temporary git worktree and run as
 `python -m ncscan scan FIXTURE --data ... --seed 0 --device cpu -f json` with that tree
@@ -29,11 +30,15 @@ MANIFESTS = [ROOT / "fixtures" / "manifest.json", ROOT / "fixtures" / "keras" / 
 VOLATILE = {"elapsed_seconds", "timings", "memory", "ncscan_version"}
 
 
+ONLY: set[str] = set()  # --only: these fixtures (empty: all)
+
+
 def fixtures() -> list[dict[str, Any]]:
     out = []
     for m in MANIFESTS:
         for e in json.loads(m.read_text())["fixtures"]:
-            out.append({**e, "_dir": m.parent})
+            if not ONLY or e["name"] in ONLY:
+                out.append({**e, "_dir": m.parent})
     return out
 
 
@@ -99,7 +104,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="git revision to compare against")
     ap.add_argument("--head", default=None, help="git revision (default: the working tree)")
+    ap.add_argument("--only", default="", help="comma-separated fixture names (default: every fixture)")
     args = ap.parse_args()
+    ONLY.update(v for v in args.only.split(",") if v)
     base_rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.base], check=True,
                               capture_output=True, text=True).stdout.strip()
     head_name = "worktree" if args.head is None else subprocess.run(
@@ -119,7 +126,8 @@ def main() -> None:
         rows.append(f"| {e['name']} | {'identical' if not d else 'DIFFERS: ' + ', '.join(d[:4])} |")
     text = "\n".join([
         f"# Same seed, same report: {base_rev} vs {head_name}", "",
-        f"`python bench/same_reports.py --base {args.base}" + (f" --head {args.head}" if args.head else "") + "`; "
+        f"`python bench/same_reports.py --base {args.base}" + (f" --head {args.head}" if args.head else "")
+        + (f" --only {args.only}" if args.only else "") + "`; "
         f"every fixture scanned with `--seed 0 --device cpu -f json`; compared without {sorted(VOLATILE)}.", "",
         f"**{same}/{len(rows)} reports identical.**", "", "| fixture | result |", "| --- | --- |", *rows, "",
     ])

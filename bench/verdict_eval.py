@@ -68,6 +68,7 @@ def scan_kwargs(entry: dict[str, Any]) -> dict[str, Any]:
 
 def collect(entry: dict[str, Any], runs: int) -> Path:
     """Reverse every label in `runs` independent runs; store the evidence."""
+    from ncscan.inputs import InputOptions
     from ncscan.reverse import attack_success, preset, reverse_engineer
     from ncscan.scanner import prepare
 
@@ -75,7 +76,7 @@ def collect(entry: dict[str, Any], runs: int) -> Path:
     if out.exists() and int(np.load(out)["l1"].shape[0]) >= runs:
         return out
     kw = scan_kwargs(entry)
-    prep = prepare(str(EVAL / entry["model"]), str(EVAL / entry["scan_data"]), device="cpu", seed=0, **kw)
+    prep = prepare(str(EVAL / entry["model"]), str(EVAL / entry["scan_data"]), device="cpu", seed=0, inputs=InputOptions(**kw))
     cfg = preset("fast")
     k = prep.num_classes
     l1 = np.full((runs, k), np.nan)

@@ -134,14 +134,14 @@ def scan_cmd(
         pixel_range=pixel_range, mean=mean, std=std, bgr=bgr, layout=layout, labels=labels,
         threshold=threshold, seed=seed, device=device, schedule=schedule, config=config,
         max_steps=max_steps, batch_size=batch_size, label_chunk=label_chunk, max_images=max_images,
-        prescreen=prescreen, force=force,
+        prescreen=prescreen, force=force, output_name=output_name,
+        resize=resize.value if resize is not None else None,
     )
     backend = connect_ray(ray)  # before any work: a bad address fails in seconds
     with _scan_progress(err, not quiet) as (on_progress, on_load):
         try:
-            report = scan(model, data, **kwargs, output_name=output_name, progress=on_progress,
-                          runner=backend.runner if backend is not None else None,
-                          resize=resize.value if resize is not None else None, load_progress=on_load)
+            report = scan(model, data, **kwargs, progress=on_progress,
+                          runner=backend.runner if backend is not None else None, load_progress=on_load)
         finally:
             if backend is not None:
                 backend.close()

@@ -12,12 +12,15 @@ import signal
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
 from .decide import DecideConfig
 from .errors import ConfigError, OutputError
+
+if TYPE_CHECKING:
+    from .inputs import InputOptions
 
 _DECIDE = DecideConfig()
 
@@ -78,23 +81,32 @@ def floats(text: Optional[str], what: str, n: Optional[int] = None) -> Optional[
     return vals
 
 
-def preprocess_kwargs(
+def input_flags(
     pixel_range: Optional[str],
     mean: Optional[str],
     std: Optional[str],
     bgr: Optional[bool],
     layout: Optional["Layout"],
     labels: Optional[Path],
-) -> dict[str, Any]:
-    """The data/preprocessing flags shared by scan and patch, as library keyword arguments."""
-    return {
-        "pixel_range": floats(pixel_range, "--pixel-range", 2),
-        "mean": floats(mean, "--mean"),
-        "std": floats(std, "--std"),
-        "channel_order": None if bgr is None else ("BGR" if bgr else "RGB"),
-        "layout": layout.value if layout else None,
-        "labels_file": labels,
-    }
+    max_images: Optional[int],
+    output_name: Optional[str] = None,
+    resize: Optional[str] = None,
+) -> "InputOptions":
+    """The data/preprocessing flags shared by scan, scan-many and patch, as one InputOptions."""
+    from .inputs import InputOptions
+
+    pr = floats(pixel_range, "--pixel-range", 2)
+    return InputOptions(
+        pixel_range=pr,
+        mean=floats(mean, "--mean"),
+        std=floats(std, "--std"),
+        channel_order=None if bgr is None else ("BGR" if bgr else "RGB"),
+        layout=layout.value if layout else None,
+        labels_file=labels,
+        max_images=max_images,
+        output_name=output_name,
+        resize=resize,
+    )
 
 
 # --config keys: (kind, lower bound, lower bound inclusive?, upper bound) and what to write.
@@ -310,19 +322,19 @@ def scan_kwargs(
     layout: Optional[Layout], labels: Optional[Path], threshold: Optional[float], seed: int,
     device: Device, schedule: Schedule, config: Optional[Path], max_steps: Optional[int],
     batch_size: Optional[int], label_chunk: Optional[int], max_images: int,
-    prescreen: Optional[Prescreen], force: bool,
+    prescreen: Optional[Prescreen], force: bool, output_name: Optional[str] = None,
+    resize: Optional[str] = None,
 ) -> dict[str, Any]:
     """The flags scan and scan-many share, as `ncscan.scanner.scan` keyword arguments."""
     cfg = reverse_config(
         schedule, load_config(config), max_steps=max_steps, batch_size=batch_size, label_chunk=label_chunk
     )
     return {
-        **preprocess_kwargs(pixel_range, mean, std, bgr, layout, labels),
+        "inputs": input_flags(pixel_range, mean, std, bgr, layout, labels, max_images, output_name, resize),
         "threshold": threshold,
         "seed": seed,
         "device": device.value,
         "schedule": cfg,
-        "max_images": max_images,
         "prescreen": prescreen.value if prescreen is not None else "auto",
         "force": force,
     }

@@ -28,7 +28,7 @@ from .cli_common import (
     QuietOpt,
     SeedOpt,
     Std,
-    preprocess_kwargs,
+    input_flags,
     require_paths,
     stderr_console,
 )
@@ -166,8 +166,7 @@ def patch_cmd(
         force=force,
         seed=seed,
         device=device.value,
-        **preprocess_kwargs(pixel_range, mean, std, bgr, layout, labels),
-        max_images=max_images,
+        inputs=input_flags(pixel_range, mean, std, bgr, layout, labels, max_images),
         log=log,
     )
     text = json.dumps(res.to_dict(), indent=2, sort_keys=False) + "\n"

@@ -18,12 +18,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import ConfigError, NcscanError
+from .inputs import InputOptions, input_options
 from .scanner import ScanReport, scan
 
 # The per-model keys a --models-file entry may set (the rest come from the command's flags).
@@ -37,7 +38,8 @@ class ModelJob:
     Attributes:
         model: the .onnx file.
         data: its clean images (None: the run's --data).
-        options: keyword arguments for `ncscan.scanner.scan` (preprocessing, labels_file).
+        options: the job's own input options (`ncscan.inputs.InputOptions` fields:
+            preprocessing, labels_file); they win over the run's.
     """
 
     model: str
@@ -161,6 +163,14 @@ def read_models_file(path: str | os.PathLike[str]) -> list[ModelJob]:
     return jobs
 
 
+def run_inputs(scan_kwargs: dict[str, Any]) -> InputOptions:
+    """Take the input options out of `scan_kwargs` (in place): `inputs=` with the individual
+    keyword arguments (pixel_range, ...) on top, as `scan` would fold them."""
+    names = {f.name for f in fields(InputOptions)}
+    given = {k: scan_kwargs.pop(k) for k in list(scan_kwargs) if k in names}
+    return input_options(scan_kwargs.pop("inputs", None), **given)
+
+
 def scan_many(
     jobs: Sequence[ModelJob],
     *,
@@ -181,13 +191,15 @@ def scan_many(
         parallel: models in flight at once with a backend (default: the cluster's slots).
         on_start, on_done: called (from worker threads with a backend) per model.
         should_stop: polled; when True the run raises KeyboardInterrupt.
-        **scan_kwargs: passed to `ncscan.scanner.scan` for every model (a job's own
-            options win).
+        **scan_kwargs: passed to `ncscan.scanner.scan` for every model; its input options
+            (`inputs=` and the individual ones such as pixel_range) are merged into one
+            InputOptions per job, with the job's own options on top.
 
     Returns:
         One outcome per job, in the jobs' order.
     """
     stop = threading.Event()
+    base = run_inputs(scan_kwargs)
 
     def stopped() -> bool:
         return stop.is_set() or (should_stop is not None and should_stop())
@@ -201,10 +213,9 @@ def scan_many(
             d = job.data if job.data is not None else data
             if d is None:
                 raise ConfigError(f"no --data for model {job.model}; pass --data DIR or give \"data\" in --models-file")
-            kw = {**scan_kwargs, **job.options}
             out.report = scan(
                 job.model, d, runner=backend.runner if backend is not None else None,
-                should_stop=stopped, **kw,
+                should_stop=stopped, inputs=base.overridden(**job.options), **scan_kwargs,
             )
         except NcscanError as e:
             if e.exit_code == 130:

@@ -26,6 +26,7 @@ import torch
 
 from . import __version__
 from .errors import ConfigError, ConversionMismatchError, DataError, ModelError
+from .inputs import MAX_IMAGES, InputOptions, input_options
 from .io import check_output_path
 from .mitigate.filter import (
     FLAG,
@@ -517,7 +518,7 @@ def prepare_context(
     seed: int,
     device: str,
     folds: int,
-    pre_kw: dict[str, Any],
+    inputs: InputOptions,
     say: Callable[[str], None],
 ) -> PatchContext:
     """Stage 1: load and check the model and the clean images.
@@ -530,7 +531,7 @@ def prepare_context(
     """
     t0 = time.perf_counter()
     try:
-        prep: Prepared = prepare(model, data, device=device, seed=seed, **pre_kw)
+        prep: Prepared = prepare(model, data, inputs=inputs, device=device, seed=seed)
     except DataError as e:
         raise DataError(
             str(e).split("; or pass --force")[0] + "; patch needs data the model classifies"
@@ -564,7 +565,7 @@ def source_triggers(
     labels: Sequence[int] | None,
     rcfg: Any,
     device: str,
-    pre_kw: dict[str, Any],
+    inputs: InputOptions,
 ) -> None:
     """Stage 2: the reversed trigger of every label to patch, into `ctx.triggers`.
 
@@ -596,7 +597,7 @@ def source_triggers(
     def reverse(which: list[int] | None) -> ScanReport:
         extra = {} if which is None else {"labels": which}
         return scan(
-            model, prep.data, seed=ctx.seed, device=device, schedule=rcfg, **extra, **pre_kw
+            model, prep.data, inputs=inputs, seed=ctx.seed, device=device, schedule=rcfg, **extra
         )
 
     if report is not None:
@@ -1156,13 +1157,14 @@ def patch(
     device: str = "auto",
     schedule: str = "fast",
     max_steps: int | None = None,
+    inputs: InputOptions | None = None,
     pixel_range: Sequence[float] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     channel_order: str | None = None,
     layout: str | None = None,
     labels_file: str | os.PathLike[str] | None = None,
-    max_images: int | None = 2000,
+    max_images: int | None = MAX_IMAGES,
     log: Callable[[str], None] | None = None,
 ) -> PatchResult:
     """Mitigate the backdoor(s) of an ONNX classifier and write the patched ONNX model.
@@ -1204,7 +1206,8 @@ def patch(
         device: "auto", "cpu" or "cuda".
         schedule, max_steps: the optimiser preset and its per-label step cap for the triggers
             reversed here (own scan, forced labels, unlearning rounds).
-        pixel_range, mean, std, channel_order, layout, labels_file, max_images: as for scan.
+        inputs, pixel_range, mean, std, channel_order, layout, labels_file, max_images: as for
+            scan (the keyword arguments given override `inputs`' fields).
         log: called with progress messages.
 
     Returns:
@@ -1234,21 +1237,16 @@ def patch(
     if output is not None:
         ins: list[Any] = [model] + ([data] if isinstance(data, (str, os.PathLike)) else [])
         out_path = check_output_path(output, ins)  # never the model, its weights file or the data
-    pre_kw: dict[str, Any] = {
-        "pixel_range": pixel_range,
-        "mean": mean,
-        "std": std,
-        "channel_order": channel_order,
-        "layout": layout,
-        "labels_file": labels_file,
-        "max_images": max_images,
-    }
+    opts = input_options(
+        inputs, pixel_range=pixel_range, mean=mean, std=std, channel_order=channel_order, layout=layout,
+        labels_file=labels_file, max_images=max_images,
+    )
     ctx = prepare_context(
-        model, data, seed=seed, device=device, folds=guard_folds, pre_kw=pre_kw, say=say
+        model, data, seed=seed, device=device, folds=guard_folds, inputs=opts, say=say
     )
     ctx.timings["prepare"] = time.perf_counter() - t0
     source_triggers(
-        ctx, model, report=report, labels=labels, rcfg=rcfg, device=device, pre_kw=pre_kw
+        ctx, model, report=report, labels=labels, rcfg=rcfg, device=device, inputs=opts
     )
     if not ctx.labels:
         return _nothing_to_patch(ctx, methods, out_path, t0)

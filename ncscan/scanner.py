@@ -17,6 +17,7 @@ from . import __version__, sanity
 from .data import Dataset, LoadProgress, check_labels, check_resize, load_data
 from .decide import DecideConfig, Decision, compactness, decide, needs_restart
 from .errors import ConfigError, DataError, DeviceError, ModelError
+from .inputs import MAX_IMAGES, InputOptions, input_options
 from .model import OnnxModel, Parity, check_parity, convert, load_onnx, ort_run, ort_session
 from .preprocess import (
     PixelModel,
@@ -26,8 +27,8 @@ from .preprocess import (
     resolve_preprocess,
 )
 from .prescreen import ASR_IMAGES as PRESCREEN_ASR_IMAGES
-from .prescreen import prescreened
 from .prescreen import applies as prescreen_applies
+from .prescreen import prescreened
 from .prescreen import unused_note as prescreen_unused_note
 from .reverse import (
     ChunkRunner,
@@ -282,40 +283,32 @@ def prepare(
     model: str | os.PathLike[str],
     data: str | os.PathLike[str] | Dataset,
     *,
-    pixel_range: Sequence[float] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    channel_order: str | None = None,
-    layout: str | None = None,
-    labels_file: str | os.PathLike[str] | None = None,
-    max_images: int | None = 2000,
+    inputs: InputOptions | None = None,
     device: str = "auto",
     seed: int = 0,
     rtol: float = 1e-4,
     force: bool = False,
-    output_name: str | None = None,
-    resize: str | None = None,
     load_progress: LoadProgress | None = None,
 ) -> Prepared:
     """Load + check the model, load the data, convert, verify the conversion, and check
     that the preprocessing is plausible (`ncscan.sanity`).
 
     Args:
+        inputs: the preprocessing and data-reading choices (default: all from the model's
+            metadata, else the defaults; see `ncscan.inputs.InputOptions`).
         force: go on (with a warning) when the clean accuracy is near chance or the
             predictions collapse onto one class; otherwise that is a DataError.
-        output_name: the graph output holding the class scores (default: the only
-            output shaped [N, classes]; a model with several such outputs is refused).
-        resize: how images of another size are fitted ("squash" | "shorter-crop"; default:
-            the model's `ncscan.resize` metadata, else squash).
         load_progress: called as (decoded, to decode) while image files are decoded.
 
     Raises:
         NcscanError subclasses for anything the user can fix.
     """
+    io_ = inputs or InputOptions()
+    layout, resize = io_.layout, io_.resize
     dev = resolve_device(device)
-    om = load_onnx(model, layout=layout.upper() if layout else None, output_name=output_name)
+    om = load_onnx(model, layout=layout.upper() if layout else None, output_name=io_.output_name)
     ch = om.input.channels
-    overrides = _overrides(om, pixel_range, mean, std, channel_order, layout)
+    overrides = _overrides(om, io_.pixel_range, io_.mean, io_.std, io_.channel_order, layout)
     pp, src = resolve_preprocess(om.metadata, om.input.layout, overrides)
     if om.layout_source == "metadata":
         src["layout"] = "metadata"
@@ -327,8 +320,8 @@ def prepare(
         ds = data
     else:
         ds = load_data(
-            data, channels=ch, size=(om.input.height, om.input.width), labels_file=labels_file,
-            max_images=max_images, seed=seed, resize=fit, progress=load_progress,
+            data, channels=ch, size=(om.input.height, om.input.width), labels_file=io_.labels_file,
+            max_images=io_.max_images, seed=seed, resize=fit, progress=load_progress,
         )
     warnings = list(om.warnings) + list(ds.warnings)
     x = ds.tensor()
@@ -429,6 +422,7 @@ def scan(
     model: str | os.PathLike[str],
     data: str | os.PathLike[str] | Dataset,
     *,
+    inputs: InputOptions | None = None,
     pixel_range: Sequence[float] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -441,7 +435,7 @@ def scan(
     schedule: str | ReverseConfig = "fast",
     decision: DecideConfig | None = None,
     labels: Sequence[int] | None = None,
-    max_images: int | None = 2000,
+    max_images: int | None = MAX_IMAGES,
     prescreen: str = "auto",
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -456,6 +450,9 @@ def scan(
     Args:
         model: path to the .onnx file.
         data: clean images (folder, class folders, or .npz), or a loaded `Dataset`.
+        inputs: the preprocessing and data-reading choices in one object
+            (`ncscan.inputs.InputOptions`); the keyword arguments below that are given
+            (not None; max_images: not its default) override its fields.
         pixel_range, mean, std, channel_order, layout: preprocessing overrides (default:
             the model's metadata, else [0,1] RGB with no normalisation).
         labels_file: maps class-folder names to class indices.
@@ -492,11 +489,11 @@ def scan(
     dcfg = _decision_config(decision, threshold)
     t0 = time.perf_counter()
     mem0 = memory_start(resolve_device(device))
-    prep = prepare(
-        model, data, pixel_range=pixel_range, mean=mean, std=std, channel_order=channel_order,
-        layout=layout, labels_file=labels_file, max_images=max_images, device=device, seed=seed,
-        force=force, output_name=output_name, resize=resize, load_progress=load_progress,
+    opts = input_options(
+        inputs, pixel_range=pixel_range, mean=mean, std=std, channel_order=channel_order, layout=layout,
+        labels_file=labels_file, max_images=max_images, output_name=output_name, resize=resize,
     )
+    prep = prepare(model, data, inputs=opts, device=device, seed=seed, force=force, load_progress=load_progress)
     t_prep = time.perf_counter() - t0
     cfg = preset(schedule) if isinstance(schedule, str) else schedule
     todo = _labels_to_reverse(prep.num_classes, labels)

@@ -186,6 +186,7 @@ def _with_meta(path: Path, **meta: str) -> Path:
 
 def test_prepare_reads_resize_from_metadata_and_flag_overrides(tmp_path: Path) -> None:
     from ncscan.data import fit_image
+    from ncscan.inputs import InputOptions
     from ncscan.scanner import prepare
 
     model = _with_meta(linear_classifier(tmp_path / "m.onnx", c=3, h=28, w=28, classes=2),
@@ -199,7 +200,7 @@ def test_prepare_reads_resize_from_metadata_and_flag_overrides(tmp_path: Path) -
     first = np.asarray(Image.open(d / "0" / "0000.png"))
     assert np.array_equal(prep.data.x[0], fit_image(first, 28, 28, "shorter-crop"))
     assert loads[-1] == (12, 12)
-    flagged = prepare(model, d, device="cpu", force=True, resize="squash")
+    flagged = prepare(model, d, device="cpu", force=True, inputs=InputOptions(resize="squash"))
     assert flagged.resize == {"mode": "squash", "source": "flag"}
     assert any("--resize squash overrides the model's own metadata ncscan.resize" in w for w in flagged.warnings)
     plain = prepare(linear_classifier(tmp_path / "p.onnx", c=3, h=28, w=28, classes=2), d, device="cpu", force=True)

@@ -115,13 +115,14 @@ def test_cross_check_restores_the_original_weights(report):
     """The folds' patches never leak into the written model: after cross-fitting the network
     holds its original weights, and the check covered every image once."""
     from ncscan.export import snapshot
+    from ncscan.inputs import InputOptions
     from ncscan.mitigate.layers import find_layer, tensor_links
     from ncscan.patch import Plan, cross_check, labelled_images, prepare_context, source_triggers
     from ncscan.reverse import preset
 
-    ctx = prepare_context(MODEL, SCAN, seed=0, device="cpu", folds=5, pre_kw={}, say=lambda s: None)
+    ctx = prepare_context(MODEL, SCAN, seed=0, device="cpu", folds=5, inputs=InputOptions(), say=lambda s: None)
     source_triggers(
-        ctx, MODEL, report=report, labels=None, rcfg=preset("fast"), device="cpu", pre_kw={}
+        ctx, MODEL, report=report, labels=None, rcfg=preset("fast"), device="cpu", inputs=InputOptions()
     )
     x, y, _ = labelled_images(ctx)
     original = snapshot(ctx.net)
