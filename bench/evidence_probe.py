@@ -96,7 +96,7 @@ def probe(entry: dict, top: int, seed: int) -> list[dict]:
     med = float(np.median(l1))
     rows = []
     for tr in traces:
-        f = features(prep, tr.trigger, tr.label) if tr.found else {"l1": None}
+        f = features(prep, tr.trigger, tr.label) if tr.working else {"l1": None}
         rows.append({"model": entry["name"], "family": entry["family"], "label": tr.label,
                      "target": tr.label in entry.get("targets", []), "ratio": med / l1[tr.label],
                      "rank": order.index(tr.label), "seed": seed, **f})

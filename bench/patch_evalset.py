@@ -40,7 +40,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default": {"unlearn": True},
     "nomix_3e-3": {"unlearn": True, "unlearn_config": {"lr": 3e-3, "mix": 0.0}},
     "plain_3e-4": {"unlearn": True, "unlearn_config": {"lr": 3e-4, "mix": 0.0, "distill": 0.0}},
-    "filter": {"filter": True},
+    "filter": {"input_filter": True},
     "prune": {"prune": True},  # the default of the day (rows before issue #16's Fine-Pruning: the paper's)
     "prune_paper": {"prune": True, "prune_config": {"where": "penultimate", "budget": 2.0, "fine_tune_steps": 0}},
     "fp_gap_noft": {"prune": True, "prune_config": {"fine_tune_steps": 0}},

@@ -92,7 +92,7 @@ def collect(entry: dict[str, Any], runs: int) -> Path:
         passes[r] = int(info["passes"])
         a = attack_success(prep.pixel_model, prep.x, prep.y, {t.label: t.trigger for t in traces})
         for t in traces:
-            l1[r, t.label] = t.trigger.l1 if t.found else np.nan
+            l1[r, t.label] = t.trigger.l1 if t.working else np.nan
             asr[r, t.label] = a[t.label]
             steps[r, t.label] = t.steps
             masks[r, t.label] = t.trigger.mask

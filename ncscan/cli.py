@@ -43,10 +43,12 @@ from .cli_common import (
     MaxImagesOpt,
     MaxStepsOpt,
     Mean,
+    OutputNameOpt,
     Pixel,
     PrescreenOpt,
     QuietOpt,
     RayOpt,
+    ResizeOpt,
     Schedule,
     ScheduleOpt,
     SeedOpt,
@@ -72,10 +74,6 @@ from .errors import NcscanError
 COMMANDS = ("scan", "scan-many", "patch", "export", "version")
 
 
-class Resize(str, Enum):
-    squash = "squash"
-    shorter_crop = "shorter-crop"
-
 app = typer.Typer(
     name="ncscan",
     help="Find and patch backdoors in ONNX image classifiers (Neural Cleanse).",
@@ -97,7 +95,7 @@ def scan_cmd(
     std: Std = None,
     bgr: Bgr = None,
     layout: LayoutOpt = None,
-    output_name: Annotated[Optional[str], typer.Option("--output-name", help="The model output that holds the class scores (default: the only output shaped [N, classes]).", show_default=False)] = None,
+    output_name: OutputNameOpt = None,
     threshold: ThresholdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
@@ -105,7 +103,7 @@ def scan_cmd(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report to this file (atomically).")] = None,
     triggers: Annotated[Optional[Path], typer.Option("--triggers", help="Write mask/pattern/trigger PNGs (enlarged to about 224 px) and .npz into this directory: every label up to 30 labels, else the flagged/borderline labels and the top suspects (--all-labels: every label).")] = None,
     all_labels: Annotated[bool, typer.Option("--all-labels", help="Every label in the table and in --triggers (default above 30 labels: flagged/borderline labels, the 10 smallest triggers and a summary line; JSON always has every label).")] = False,
-    resize: Annotated[Optional[Resize], typer.Option("--resize", help="How images of another size reach the input size: squash (resize directly) or shorter-crop (shorter side to the input size, then centre crop, like torchvision's eval transforms). Default: model metadata ncscan.resize, else squash.", case_sensitive=False)] = None,
+    resize: ResizeOpt = None,
     schedule: ScheduleOpt = Schedule.fast,
     max_steps: MaxStepsOpt = None,
     batch_size: BatchSizeOpt = None,

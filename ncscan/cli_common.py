@@ -262,9 +262,16 @@ Pixel = Annotated[Optional[str], typer.Option("--pixel-range", help="Input range
 Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406.")]
 Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std, e.g. 0.229,0.224,0.225.")]
 Bgr = Annotated[Optional[bool], typer.Option("--bgr/--rgb", help="The model takes BGR (or RGB) channel order.")]
+class Resize(str, Enum):
+    squash = "squash"
+    shorter_crop = "shorter-crop"
+
+
+ResizeOpt = Annotated[Optional[Resize], typer.Option("--resize", help="How images of another size reach the input size: squash (resize directly) or shorter-crop (shorter side to the input size, then centre crop, like torchvision's eval transforms). Default: model metadata ncscan.resize, else squash.", case_sensitive=False)]
+OutputNameOpt = Annotated[Optional[str], typer.Option("--output-name", help="The model output that holds the class scores (default: the only output shaped [N, classes]).", show_default=False)]
 LayoutOpt = Annotated[Optional[Layout], typer.Option("--layout", help="Force the input layout (default: detected from the channel axis / metadata).", case_sensitive=False)]
 DataOpt = Annotated[Path, typer.Option("--data", "-d", help="Clean images: folder with class subfolders, flat folder, or .npz with x (and y).")]
-LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="Map class-folder names to indices: one name per line, or JSON {name: index}.")]
+LabelsOpt = Annotated[Optional[Path], typer.Option("--labels-file", "--labels", help="Map class-folder names to indices: one name per line, or JSON {name: index} (--labels is the older name).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (results are deterministic on CPU).")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to optimise: auto (CUDA when present), cpu or cuda.", case_sensitive=False)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]

@@ -150,7 +150,7 @@ def patch_cmd(
         output=output,
         unlearn=unlearn,
         prune=prune,
-        filter=filt,
+        input_filter=filt,
         report=report,
         labels=label or None,
         epochs=epochs,

@@ -28,7 +28,7 @@ from .inputs import InputOptions, input_options
 from .scanner import ScanReport, scan
 
 # The per-model keys a --models-file entry may set (the rest come from the command's flags).
-JOB_KEYS = ("model", "data", "labels", "pixel_range", "mean", "std", "bgr", "layout")
+JOB_KEYS = ("model", "data", "labels", "pixel_range", "mean", "std", "bgr", "layout", "output_name", "resize")
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ def _floats(v: Any, what: str) -> tuple[float, ...]:
 
 def read_models_file(path: str | os.PathLike[str]) -> list[ModelJob]:
     """Jobs from a JSON file: a list (or {"models": [...]}) of objects with `model` and
-    optionally `data`, `labels`, `pixel_range`, `mean`, `std`, `bgr`, `layout`. Relative
+    optionally `data`, `labels`, `pixel_range`, `mean`, `std`, `bgr`, `layout`, `output_name`,
+    `resize`. Relative
     paths are relative to the file.
 
     Raises:
@@ -159,6 +160,9 @@ def read_models_file(path: str | os.PathLike[str]) -> list[ModelJob]:
             opts["layout"] = str(it["layout"]).upper()
         if "labels" in it:
             opts["labels_file"] = rel(str(it["labels"]))
+        for k in ("output_name", "resize"):
+            if k in it:
+                opts[k] = str(it[k])
         jobs.append(ModelJob(model=rel(it["model"]), data=rel(str(it["data"])) if "data" in it else None, options=opts))
     return jobs
 

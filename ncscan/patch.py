@@ -214,9 +214,9 @@ def _triggers_from_report(rep: dict[str, Any], sha: str) -> dict[int, Trigger]:
             "re-run the scan on this model or pass the matching --report"
         )
     out: dict[int, Trigger] = {}
-    for lr in rep.get("labels", []):
-        if isinstance(lr, dict) and "trigger" in lr:
-            out[int(lr["label"])] = decode_trigger(lr["trigger"])
+    for entry in rep.get("labels", []):
+        if isinstance(entry, dict) and "trigger" in entry:
+            out[int(entry["label"])] = decode_trigger(entry["trigger"])
     return out
 
 
@@ -337,7 +337,7 @@ class Plan:
     unlearn_rounds: int
     rcfg: Any  # the reverse-engineering preset for unlearning rounds
     prune: bool
-    filter: bool
+    input_filter: bool
     max_accuracy_drop: float
     fpr: float
     top_fraction: float
@@ -590,7 +590,7 @@ def source_triggers(
         # A forced label whose reversal never reached a working trigger has nothing to
         # unlearn, prune or filter against: its "trigger" is the last, failing mask.
         for res in rep2.labels:
-            if not res.converged:
+            if not res.working:
                 raise _no_working_trigger(res.label, res.mask_l1, res.attack_success, res.steps)
         return {res.label: res.trigger for res in rep2.labels}
 
@@ -711,12 +711,12 @@ def unlearn_stage(
             device=dev,
         )
         pm.to(memory_format=torch.contiguous_format)
-        residual = [tr_ for tr_ in traces if tr_.found and tr_.trigger.l1 <= limit[tr_.label]]
+        residual = [tr_ for tr_ in traces if tr_.working and tr_.trigger.l1 <= limit[tr_.label]]
         rounds_log.append(
             {
                 "round": r + 1,
                 "residual_l1": {
-                    str(tr_.label): (_r(tr_.trigger.l1) if tr_.found else None) for tr_ in traces
+                    str(tr_.label): (_r(tr_.trigger.l1) if tr_.working else None) for tr_ in traces
                 },
                 "limit_l1": {str(t): _r(v) for t, v in limit.items()},
                 "unlearned": [tr_.label for tr_ in residual],
@@ -872,7 +872,7 @@ def apply_plan(
     if plan.prune:
         assert lay is not None
         done.pruned = prune_stage(ctx, x, y, plan.prune_layer or lay, links, plan.prune_cfg)
-    if plan.filter:
+    if plan.input_filter:
         assert lay is not None
         done.profile = calibrate_filter(
             ctx,
@@ -1133,7 +1133,7 @@ def patch(
     output: str | os.PathLike[str] | None,
     unlearn: bool = False,
     prune: bool = False,
-    filter: bool = False,
+    input_filter: bool = False,
     report: str | os.PathLike[str] | Mapping[str, Any] | ScanReport | None = None,
     labels: Sequence[int] | None = None,
     epochs: int = 1,
@@ -1173,7 +1173,8 @@ def patch(
         model: the .onnx file.
         data: clean images (class folders, flat folder, or .npz with x and y).
         output: where to write the patched model (None: measure only, write nothing).
-        unlearn, prune, filter: the mitigations (any combination; applied in that order).
+        unlearn, prune, input_filter: the mitigations (any combination; applied in that order;
+            `input_filter` is the CLI's --filter).
         report: a scan report (path, dict or ScanReport) whose flagged labels carry their
             reversed triggers; None: run the scan here.
         labels: force these labels (their triggers come from the report, else are reversed).
@@ -1220,7 +1221,7 @@ def patch(
     """
     t0 = time.perf_counter()
     say = log or (lambda s: None)
-    methods = _method_name(unlearn, prune, filter)
+    methods = _method_name(unlearn, prune, input_filter)
     check_options(
         methods=methods,
         epochs=epochs,
@@ -1267,7 +1268,7 @@ def patch(
         unlearn_rounds=unlearn_rounds,
         rcfg=rcfg,
         prune=prune,
-        filter=filter,
+        input_filter=input_filter,
         max_accuracy_drop=max_accuracy_drop,
         fpr=fpr,
         top_fraction=top_fraction,
@@ -1278,13 +1279,13 @@ def patch(
 
     links = tensor_links(ctx.net, ctx.om.proto)
     original = snapshot(ctx.net)
-    lay = find_layer(ctx.om.proto, ctx.net, layer) if prune or filter else None
+    lay = find_layer(ctx.om.proto, ctx.net, layer) if prune or input_filter else None
     if prune and layer is None and plan.prune_cfg.where == "last_conv":
         plan = replace(plan, prune_layer=find_last_conv(ctx.om.proto, ctx.net))
     # The filter profiles the ORIGINAL network whenever unlearning or pruning changes it:
     # after unlearning the reversed trigger no longer moves the patched network's neurons
     # (measured: 55.8% of triggered images missed when calibrated on the unlearned model).
-    fpm = copy.deepcopy(ctx.pm).eval() if filter and plan.changes_network else ctx.pm
+    fpm = copy.deepcopy(ctx.pm).eval() if input_filter and plan.changes_network else ctx.pm
     check = cross_check(
         ctx, x, y, plan, folds=guard_folds, links=links, original=original, lay=lay, fpm=fpm
     )

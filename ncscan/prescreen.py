@@ -94,7 +94,7 @@ def prescreened(
         verify_images=min(cfg.verify_images, VERIFY_IMAGES),
     )
     s_traces, s_info = reverse_engineer(pixel_model, x, y, todo, screen_cfg, seed=seed, **run)
-    prov = {tr.label: (tr.trigger.l1 if tr.found else float("inf")) for tr in s_traces}
+    prov = {tr.label: (tr.trigger.l1 if tr.working else float("inf")) for tr in s_traces}
     suspects = set(sorted(todo, key=lambda t: (prov[t], t))[: keep_size(len(todo))])
     rng = np.random.default_rng(seed)
     sample = set(int(v) for v in rng.choice(np.array(todo), size=sample_size(len(todo)), replace=False))

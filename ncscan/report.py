@@ -48,7 +48,7 @@ def select_labels(report: ScanReport, all_labels: bool = False, top: int = TOP_S
     by_size = sorted(report.labels, key=lambda r: (r.mask_l1, r.label))
     if all_labels or len(report.labels) <= ALL_LABELS_MAX:
         return by_size
-    suspects = [r for r in by_size if r.decision == "clear" and r.converged and not r.screened_out][:top]
+    suspects = [r for r in by_size if r.decision == "clear" and r.working and not r.screened_out][:top]
     missing = [r for r in by_size if r.decision == "no_trigger"][:top]
     keep = {r.label for r in by_size if r.decision in ("flagged", "borderline")}
     keep |= {r.label for r in suspects} | {r.label for r in missing}
@@ -66,7 +66,7 @@ def summarize_rest(report: ScanReport, shown: list[LabelResult]) -> str | None:
         counts[r.decision] = counts.get(r.decision, 0) + 1
     names = {"clear": "clear", "screened_out": "screened out", "no_trigger": "no trigger found"}
     parts = [f"{n} {names.get(k, k)}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])]
-    worked = [r for r in rest if r.converged]
+    worked = [r for r in rest if r.working]
     span = ""
     if worked:
         l1 = [r.mask_l1 for r in worked]
@@ -375,8 +375,8 @@ def render_table(
     for r in shown:
         # A label with no working trigger has no meaningful size or score: its last mask is
         # shown in brackets and the score as a dash.
-        l1_s = f"{r.mask_l1:.1f}" if r.converged else f"({r.mask_l1:.1f})"
-        sc = (f"{r.score:.2f}", f"{r.line:.1f}", f"{r.anomaly_index:.2f}") if r.converged else ("-",) * 3
+        l1_s = f"{r.mask_l1:.1f}" if r.working else f"({r.mask_l1:.1f})"
+        sc = (f"{r.score:.2f}", f"{r.line:.1f}", f"{r.anomaly_index:.2f}") if r.working else ("-",) * 3
         t.add_row(
             str(r.label), r.name or "", l1_s, str(len(r.run_l1)), f"{r.attack_success:.1%}", *sc,
             notes.get(r.decision, ""), style=styles.get(r.decision, ""),

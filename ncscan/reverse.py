@@ -91,7 +91,7 @@ class LabelTrace:
 
     label: int
     trigger: Trigger  # best (or last, if no successful step)
-    found: bool  # a step reached the attack-success threshold
+    working: bool  # a step reached the attack-success threshold (a working trigger)
     steps: int
     early_stopped: bool
     final_cost: float
@@ -679,15 +679,15 @@ def _traces(ch: _Chunk) -> list[LabelTrace]:
     state = ch.state
     traces: list[LabelTrace] = []
     for i, t in enumerate(ch.lab):
-        found = bool(np.isfinite(state.best_l1[i]))
+        working = bool(np.isfinite(state.best_l1[i]))
         trig = Trigger(
-            mask=(ch.best_m[i] if found else last_m[i]).astype(np.float32),
-            pattern=(ch.best_p[i] if found else last_p[i]).astype(np.float32),
+            mask=(ch.best_m[i] if working else last_m[i]).astype(np.float32),
+            pattern=(ch.best_p[i] if working else last_p[i]).astype(np.float32),
         )
         traces.append(LabelTrace(
             label=t,
             trigger=trig,
-            found=found,
+            working=working,
             steps=int(state.steps[i]),
             early_stopped=bool(state.done[i]),
             final_cost=float(state.cost[i]),

@@ -84,7 +84,7 @@ class LabelResult:
     attack_success: float
     anomaly_index: float  # the paper's MAD index of mask_l1, kept for comparison
     steps: int
-    converged: bool  # a trigger reaching the attack-success threshold was found
+    working: bool  # a working trigger (reaching the attack-success threshold) was found; JSON "converged"
     early_stopped: bool
     flagged: bool
     screened_out: bool = False  # pre-screening judged it clearly large; not fully optimised
@@ -108,8 +108,8 @@ class LabelResult:
             "name": self.name,
             "mask_l1": round(self.mask_l1, 4),
             "attack_success": _finite(self.attack_success),
-            "score": _finite(self.score) if self.converged else None,
-            "margin": _finite(self.margin) if self.converged else None,
+            "score": _finite(self.score) if self.working else None,
+            "margin": _finite(self.margin) if self.working else None,
             "line": _finite(self.line),
             "compactness": _finite(self.compactness),
             "evidence": self.evidence,
@@ -118,9 +118,9 @@ class LabelResult:
             "run_mask_l1": [_finite(v) for v in self.run_l1],
             "consistency": None if self.consistency is None else _finite(self.consistency),
             # No working trigger was found: its L1 is not a minimal trigger's, so no index.
-            "anomaly_index": _finite(self.anomaly_index) if self.converged else None,
+            "anomaly_index": _finite(self.anomaly_index) if self.working else None,
             "steps": self.steps,
-            "converged": self.converged,
+            "converged": self.working,
             "early_stopped": self.early_stopped,
             "flagged": self.flagged,
             "screened_out": self.screened_out,
@@ -582,7 +582,7 @@ def restart_seed(seed: int, round_: int, k: int) -> int:
 
 
 def _l1(tr: LabelTrace) -> float:
-    return float(tr.trigger.l1) if tr.found else float("nan")
+    return float(tr.trigger.l1) if tr.working else float("nan")
 
 
 def _restarts(
@@ -630,7 +630,7 @@ def _restarts(
 def _size_run(runs: list[LabelTrace], how: str = "median") -> LabelTrace:
     """The run that stands for the label (its trigger is the one reported and patched with):
     the working run whose L1 is the label's size, the (lower) median or the minimum."""
-    ok = sorted((tr for tr in runs if tr.found), key=lambda tr: tr.trigger.l1)
+    ok = sorted((tr for tr in runs if tr.working), key=lambda tr: tr.trigger.l1)
     if not ok:
         return runs[0]
     return ok[0] if how == "min" else ok[(len(ok) - 1) // 2]
@@ -639,12 +639,12 @@ def _size_run(runs: list[LabelTrace], how: str = "median") -> LabelTrace:
 def _compactness(runs: list[LabelTrace], dcfg: DecideConfig) -> float:
     """`ncscan.decide.compactness` of the run that gives the label its size (NaN: none worked)."""
     tr = _size_run(runs, dcfg.size_of_runs)
-    return compactness(tr.trigger.mask, dcfg.compact_window) if tr.found else float("nan")
+    return compactness(tr.trigger.mask, dcfg.compact_window) if tr.working else float("nan")
 
 
 def _consistency(runs: list[LabelTrace]) -> float | None:
     """Mean pairwise cosine similarity of the working runs' masks (None with < 2)."""
-    ms = [tr.trigger.mask.ravel().astype(np.float64) for tr in runs if tr.found]
+    ms = [tr.trigger.mask.ravel().astype(np.float64) for tr in runs if tr.working]
     if len(ms) < 2:
         return None
     sims = [
@@ -684,7 +684,7 @@ def build_report(
             attack_success=float(asr.get(tr.label, float("nan"))),
             anomaly_index=float(paper.anomaly_index[i]),
             steps=sum(r.steps for r in runs[i]),
-            converged=bool(np.isfinite(d.size[i])),
+            working=bool(np.isfinite(d.size[i])),
             early_stopped=tr.early_stopped,
             flagged=i in d.flagged,
             screened_out=tr.label in screened,

@@ -237,7 +237,7 @@ def _many(report: Any, k: int, side: int = 8) -> Any:
         trig = Trigger(mask=np.full((side, side), 0.1, np.float32), pattern=np.full((3, side, side), 0.5, np.float32))
         labels.append(dataclasses.replace(
             base, label=i, name=None, mask_l1=l1, decision=dec, flagged=dec == "flagged",
-            converged=dec != "no_trigger", score=float(4.0 if i == 3 else 3.1 if i == 7 else -np.log(l1 / 30)),
+            working=dec != "no_trigger", score=float(4.0 if i == 3 else 3.1 if i == 7 else -np.log(l1 / 30)),
             screened_out=False, trigger=trig,
         ))
     return dataclasses.replace(report, labels=labels, num_classes=k, flagged=[3], borderline=[7],
@@ -381,7 +381,7 @@ def test_split_passes_give_the_same_triggers() -> None:
     assert max(sizes) <= 7 and max(n_one) >= 24  # it did split (training 5 a pass, checks 7)
     assert p1 == p2
     for a, b in zip(one, split):
-        assert a.steps == b.steps and a.found == b.found
+        assert a.steps == b.steps and a.working == b.working
         np.testing.assert_allclose(a.trigger.mask, b.trigger.mask, atol=1e-4)
         np.testing.assert_allclose(a.trigger.pattern, b.trigger.pattern, atol=1e-4)
 

@@ -309,7 +309,7 @@ def test_one_class_model(images: Path, workdir: Path, capsys: pytest.CaptureFixt
 def test_static_batch_and_softmax_model_scans(images: Path, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     m = tiny.linear_classifier(workdir / "b1.onnx", batch=1, softmax=True, classes=4)
     out = workdir / "r.json"
-    rc = _scan_rc(m, images, "--max-steps", "3", "-o", str(out), "--labels", str(_labels(workdir, 4)))
+    rc = _scan_rc(m, images, "--max-steps", "3", "-o", str(out), "--labels-file", str(_labels(workdir, 4)))
     assert rc in (0, 1, 4)
     rep = json.loads(out.read_text())
     assert rep["output"] == "probabilities" and len(rep["labels"]) == 4

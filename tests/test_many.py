@@ -127,3 +127,26 @@ def test_ray_not_installed_is_a_one_line_exit_two(cmd: str, monkeypatch: pytest.
     rc = run([cmd, e["_abs"]["file"], "--data", e["_abs"]["scan_data"], "--ray", "auto", "--device", "cpu"])
     assert rc == 2
     _one_line_error(capsys.readouterr().err, "install ncscan[ray]")
+
+
+def test_resize_and_output_name_reach_every_model(tmp_path: Path) -> None:
+    """--resize and --output-name are scan options, so scan-many takes them too (for the run,
+    and per model in --models-file, which wins)."""
+    import shutil
+
+    from . import tiny
+
+    m = tiny.linear_classifier(tmp_path / "m.onnx", classes=3)
+    shutil.copy(m, tmp_path / "m2.onnx")
+    d = tiny.write_images(tmp_path / "imgs", n=30, size=16)
+    mf = tmp_path / "models.json"
+    mf.write_text(json.dumps([{"model": "m2.onnx", "resize": "squash"}]))
+    rd = tmp_path / "reports"
+    rc = run(["scan-many", str(m), "--models-file", str(mf), "--data", str(d), "--resize", "shorter-crop",
+              "--output-name", "logits", "--report-dir", str(rd), "--force", "-q", "--max-steps", "3", "--device", "cpu"])
+    assert rc in (0, 1, 4)
+    got = {p.stem: json.loads(p.read_text())["resize"] for p in rd.glob("*.json")}
+    assert got == {"m": {"mode": "shorter-crop", "source": "flag"}, "m2": {"mode": "squash", "source": "flag"}}
+    rc = run(["scan-many", str(m), "--data", str(d), "--output-name", "nope", "--force", "-q", "--max-steps", "3",
+              "--device", "cpu"])
+    assert rc == 2  # the output name reached the model: no output called "nope"

@@ -84,7 +84,7 @@ def test_two_targets_every_target_caught(tmp_path):
     rp = tmp_path / "scan.json"
     rp.write_text(json.dumps(d))
     out = tmp_path / "f.onnx"
-    res = patch(TWO, SCAN, output=out, filter=True, report=rp, device="cpu", seed=0)
+    res = patch(TWO, SCAN, output=out, input_filter=True, report=rp, device="cpu", seed=0)
     assert res.written and set(res.filter_neurons_by_label) == {1, 8}
     x, y = _test_images()
     s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

@@ -132,7 +132,7 @@ def test_cross_check_restores_the_original_weights(report):
         unlearn_rounds=1,
         rcfg=None,
         prune=True,
-        filter=True,
+        input_filter=True,
         max_accuracy_drop=2.0,
         fpr=0.05,
         top_fraction=0.01,

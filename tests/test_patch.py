@@ -175,7 +175,7 @@ def test_filter_wrapper(report, tmp_path):
     from ncscan.serve import FilteredModel
 
     out = tmp_path / "filtered.onnx"
-    res = patch(MODEL, SCAN, output=out, filter=True, report=report, device="cpu", seed=0)
+    res = patch(MODEL, SCAN, output=out, input_filter=True, report=report, device="cpu", seed=0)
     assert res.written and res.filter_threshold is not None
     assert res.parity_filter_max_rel is not None and res.parity_filter_max_rel < 1e-4
     _structure_kept(MODEL, out, extra_nodes=7)
