@@ -56,8 +56,9 @@ def summary(rows: dict[tuple[str, str], dict[str, Any]], models: list[str]) -> l
 
 def render(rows: dict[tuple[str, str], dict[str, Any]], split: str) -> str:
     models = sorted({m for m, c in rows if c in CONFIGS})
+    ran = [c for c in CONFIGS if any(k == c for _, k in rows)]
     out = [f"# Pruning variants on the {split} split", "",
-           f"`python bench/patch_evalset.py --split {split} --configs {','.join(CONFIGS)}` then "
+           f"`python bench/patch_evalset.py --split {split} --configs {','.join(ran)}` then "
            f"`python bench/prune_report.py --split {split}`; CPU, 2 cores. Patched with the 300-image scan folder and the "
            "REVERSED triggers of the true targets; judged in onnxruntime on the 2,000 held-out images with the TRUE "
            "triggers. Variants: `prune_paper` = the paper's (penultimate layer, trigger-gap order, stop at a 2-point "

@@ -413,7 +413,7 @@ def test_resnet50_224_scan_within_8gb(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision  # a hard dependency (onnx2torch imports it): never a skip
     torch.manual_seed(0)
     m = torchvision.models.resnet50(weights=None, num_classes=10).eval()
     onnx_path = tmp_path / "r50.onnx"
