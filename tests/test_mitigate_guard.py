@@ -117,6 +117,7 @@ def test_cross_check_restores_the_original_weights(report):
     from ncscan.export import snapshot
     from ncscan.inputs import InputOptions
     from ncscan.mitigate.layers import find_layer, tensor_links
+    from ncscan.mitigate.prune import PruneConfig
     from ncscan.patch import Plan, cross_check, labelled_images, prepare_context, source_triggers
     from ncscan.reverse import preset
 
@@ -137,6 +138,7 @@ def test_cross_check_restores_the_original_weights(report):
         fpr=0.05,
         top_fraction=0.01,
         min_neurons=8,
+        prune_cfg=PruneConfig(fine_tune_steps=20),  # the fine-tune's weights must be restored too
     )
     chk = cross_check(
         ctx,
