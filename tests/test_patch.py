@@ -294,3 +294,14 @@ def test_cli_prune_defaults_are_the_library_defaults():
     ps = inspect.signature(patch_cmd).parameters
     assert ps["prune_budget"].default == PruneConfig.budget
     assert ps["fine_tune_steps"].default == PruneConfig.fine_tune_steps
+
+
+def test_cli_prune_flags_reach_the_patch(report, tmp_path, capsys):
+    """--prune-budget and --fine-tune-steps are what the patch used (JSON prune_config)."""
+    out = tmp_path / "p.onnx"
+    rc = _cli(["patch", str(MODEL), "--data", str(SCAN), "--report", str(report), "--prune", "--prune-budget", "1",
+               "--fine-tune-steps", "0", "-o", str(out), "-f", "json", "-q", "--device", "cpu"])
+    d = json.loads(capsys.readouterr().out)
+    assert rc == (0 if d["guard_passed"] else 1)
+    assert d["prune_config"]["budget"] == 1.0 and d["prune_config"]["fine_tune_steps"] == 0
+    assert d["prune_layer"].startswith("output of") and d["prune_curve"][0][0] == 0
