@@ -95,9 +95,8 @@ def input_flags(
     """The data/preprocessing flags shared by scan, scan-many and patch, as one InputOptions."""
     from .inputs import InputOptions
 
-    pr = floats(pixel_range, "--pixel-range", 2)
     return InputOptions(
-        pixel_range=pr,
+        pixel_range=floats(pixel_range, "--pixel-range", 2),
         mean=floats(mean, "--mean"),
         std=floats(std, "--std"),
         channel_order=None if bgr is None else ("BGR" if bgr else "RGB"),
@@ -262,6 +261,8 @@ Pixel = Annotated[Optional[str], typer.Option("--pixel-range", help="Input range
 Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406.")]
 Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std, e.g. 0.229,0.224,0.225.")]
 Bgr = Annotated[Optional[bool], typer.Option("--bgr/--rgb", help="The model takes BGR (or RGB) channel order.")]
+
+
 class Resize(str, Enum):
     squash = "squash"
     shorter_crop = "shorter-crop"

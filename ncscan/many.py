@@ -116,8 +116,7 @@ def _floats(v: Any, what: str) -> tuple[float, ...]:
 def read_models_file(path: str | os.PathLike[str]) -> list[ModelJob]:
     """Jobs from a JSON file: a list (or {"models": [...]}) of objects with `model` and
     optionally `data`, `labels`, `pixel_range`, `mean`, `std`, `bgr`, `layout`, `output_name`,
-    `resize`. Relative
-    paths are relative to the file.
+    `resize`. Relative paths are relative to the file.
 
     Raises:
         ConfigError: unreadable or malformed file.

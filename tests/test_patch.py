@@ -294,6 +294,11 @@ def test_cli_prune_defaults_are_the_library_defaults():
     ps = inspect.signature(patch_cmd).parameters
     assert ps["prune_budget"].default == PruneConfig.budget
     assert ps["fine_tune_steps"].default == PruneConfig.fine_tune_steps
+    from ncscan.errors import ConfigError
+
+    for bad in ({"where": "first_conv"}, {"rank": "random"}):
+        with pytest.raises(ConfigError, match="unknown pruning"):
+            PruneConfig(**bad)
 
 
 def test_cli_prune_flags_reach_the_patch(report, tmp_path, capsys):

@@ -34,7 +34,7 @@ from .layers import Layer, Link, named_tensors, zero_slices
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Fine-Pruning's settings (defaults chosen on the tuning split: bench/prune_results.md).
+    """Fine-Pruning's settings (defaults chosen on the tuning split: bench/prune_results_tuning.md).
 
     Attributes:
         where: "last_conv" (the last convolution's channels, Fine-Pruning's choice; the
@@ -58,17 +58,19 @@ class PruneConfig:
     lr: float = 5e-4
     mix: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.where not in ("last_conv", "penultimate"):
+            raise ConfigError(f"unknown pruning layer {self.where!r}: use 'last_conv' or 'penultimate'")
+        if self.rank not in ("gap", "dormant"):
+            raise ConfigError(f"unknown pruning rank {self.rank!r}: use 'gap' or 'dormant'")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def ranking(gap: torch.Tensor, clean_mean: torch.Tensor, rank: str) -> torch.Tensor:
-    """A score per neuron, highest pruned first (see PruneConfig.rank)."""
-    if rank == "gap":
-        return gap
-    if rank == "dormant":
-        return -clean_mean
-    raise ConfigError(f"unknown pruning rank {rank!r}: use 'gap' or 'dormant'")
+    """A score per neuron, highest pruned first (see PruneConfig.rank: "gap" or "dormant")."""
+    return gap if rank == "gap" else -clean_mean
 
 
 @dataclass
@@ -80,8 +82,7 @@ class PruneOutcome:
     asr: float
     accuracy: float
     stopped_by: str  # "attack_success" | "accuracy_guard" | "exhausted"
-    zeroed: list[str]
-    slices: list[tuple[str, int, list[int]]] = field(default_factory=list)  # what stays zero
+    slices: list[tuple[str, int, list[int]]] = field(default_factory=list)  # (tensor, axis, pruned): held at zero
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # (pruned, accuracy, asr)
 
 
@@ -160,6 +161,5 @@ def prune(
         stopped = "attack_success"
     return PruneOutcome(
         count=len(pruned), total=total, order=pruned, success=asr < target_asr, asr=asr,
-        accuracy=acc, stopped_by=stopped, zeroed=[n for n, _ in targets],
-        slices=[(n, axis, list(pruned)) for n, axis in targets], curve=curve,
+        accuracy=acc, stopped_by=stopped, slices=[(n, axis, list(pruned)) for n, axis in targets], curve=curve,
     )

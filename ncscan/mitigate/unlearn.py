@@ -273,7 +273,9 @@ def _setup(
     pm.eval()
     # The original model: its outputs are the targets of the distillation terms.
     if teacher is None and cfg.mix > 0:
-        teacher = copy.deepcopy(pm).eval()
+        teacher = copy.deepcopy(pm)
+    if teacher is not None:
+        teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
     src = teacher if teacher is not None else pm
@@ -287,8 +289,8 @@ def _setup(
         else []
     )
     return _Unlearning(
-        pm=pm, cfg=cfg, dev=dev, gen=gen, x=x, masks=masks, pats=pats, ref_logp=ref_logp, teacher=teacher if cfg.mix > 0 else None,
-        advs=advs, bs=min(cfg.batch_size, n), mix_shift=mix_shift,
+        pm=pm, cfg=cfg, dev=dev, gen=gen, x=x, masks=masks, pats=pats, ref_logp=ref_logp,
+        teacher=teacher if cfg.mix > 0 else None, advs=advs, bs=min(cfg.batch_size, n), mix_shift=mix_shift,
     )
 
 
