@@ -50,11 +50,6 @@ class InputOptions:
             raise TypeError(f"unknown input option(s): {', '.join(unknown)}")
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def given(self) -> dict[str, Any]:
-        """The fields set to something other than their default (for reports and merging)."""
-        base = InputOptions()
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(base, f.name)}
-
 
 def input_options(
     inputs: InputOptions | None = None, *, max_images: int | None = MAX_IMAGES, **changes: Any

@@ -343,7 +343,7 @@ class Plan:
     top_fraction: float
     min_neurons: int
     prune_cfg: PruneConfig = field(default_factory=PruneConfig)
-    prune_layer: Layer | None = None  # None: the filter's layer
+    prune_layer: Layer | None = None  # where pruning switches neurons off (set when prune)
 
     @property
     def changes_network(self) -> bool:
@@ -852,6 +852,17 @@ def calibrate_filter(
     return FilterProfile(parts=parts, threshold=thr, rank_dims=rank)
 
 
+def prune_layer(ctx: PatchContext, layer: str | None, cfg: PruneConfig, filter_layer: Layer | None) -> Layer:
+    """Where pruning works: `--layer` when given, else the last conv's channels
+    (cfg.where "last_conv", when the model has one near its head), else the penultimate layer.
+    A fully convolutional model (no last Gemm/MatMul) can be pruned without a penultimate layer."""
+    if layer is None and cfg.where == "last_conv":
+        conv = find_last_conv(ctx.om.proto, ctx.net)
+        if conv is not None:
+            return conv
+    return filter_layer if filter_layer is not None else find_layer(ctx.om.proto, ctx.net, layer)
+
+
 def apply_plan(
     ctx: PatchContext,
     x: torch.Tensor,
@@ -870,8 +881,8 @@ def apply_plan(
             ctx, x, y, links, plan.unlearn, rounds=plan.unlearn_rounds, rcfg=plan.rcfg
         )
     if plan.prune:
-        assert lay is not None
-        done.pruned = prune_stage(ctx, x, y, plan.prune_layer or lay, links, plan.prune_cfg)
+        assert plan.prune_layer is not None
+        done.pruned = prune_stage(ctx, x, y, plan.prune_layer, links, plan.prune_cfg)
     if plan.input_filter:
         assert lay is not None
         done.profile = calibrate_filter(
@@ -1279,9 +1290,9 @@ def patch(
 
     links = tensor_links(ctx.net, ctx.om.proto)
     original = snapshot(ctx.net)
-    lay = find_layer(ctx.om.proto, ctx.net, layer) if prune or input_filter else None
-    if prune and layer is None and plan.prune_cfg.where == "last_conv":
-        plan = replace(plan, prune_layer=find_last_conv(ctx.om.proto, ctx.net))
+    lay = find_layer(ctx.om.proto, ctx.net, layer) if input_filter else None
+    if prune:
+        plan = replace(plan, prune_layer=prune_layer(ctx, layer, plan.prune_cfg, lay))
     # The filter profiles the ORIGINAL network whenever unlearning or pruning changes it:
     # after unlearning the reversed trigger no longer moves the patched network's neurons
     # (measured: 55.8% of triggered images missed when calibrated on the unlearned model).
@@ -1434,7 +1445,7 @@ def _result(
         prune_layer=p.get("prune_layer"),
         prune_config=p.get("prune_config"),
         prune_curve=p.get("prune_curve"),
-        layer=lay.description if lay is not None else None,
+        layer=lay.description if lay is not None else p.get("prune_layer"),
         filter_threshold=done.profile.threshold if done.profile else None,
         filter_neurons=done.profile.neurons if done.profile else None,
         filter_neurons_by_label={q.target: q.neurons for q in done.profile.parts}

@@ -303,12 +303,12 @@ def prepare(
     Raises:
         NcscanError subclasses for anything the user can fix.
     """
-    io_ = inputs or InputOptions()
-    layout, resize = io_.layout, io_.resize
+    opts = inputs or InputOptions()
+    layout, resize = opts.layout, opts.resize
     dev = resolve_device(device)
-    om = load_onnx(model, layout=layout.upper() if layout else None, output_name=io_.output_name)
+    om = load_onnx(model, layout=layout.upper() if layout else None, output_name=opts.output_name)
     ch = om.input.channels
-    overrides = _overrides(om, io_.pixel_range, io_.mean, io_.std, io_.channel_order, layout)
+    overrides = _overrides(om, opts.pixel_range, opts.mean, opts.std, opts.channel_order, layout)
     pp, src = resolve_preprocess(om.metadata, om.input.layout, overrides)
     if om.layout_source == "metadata":
         src["layout"] = "metadata"
@@ -320,8 +320,8 @@ def prepare(
         ds = data
     else:
         ds = load_data(
-            data, channels=ch, size=(om.input.height, om.input.width), labels_file=io_.labels_file,
-            max_images=io_.max_images, seed=seed, resize=fit, progress=load_progress,
+            data, channels=ch, size=(om.input.height, om.input.width), labels_file=opts.labels_file,
+            max_images=opts.max_images, seed=seed, resize=fit, progress=load_progress,
         )
     warnings = list(om.warnings) + list(ds.warnings)
     x = ds.tensor()

@@ -14,7 +14,6 @@ def test_keyword_arguments_override_the_object_and_none_keeps_it():
     assert out.max_images == 500  # the keyword left at its default keeps the object's cap
     assert input_options(base, max_images=None).max_images is None  # None: no cap
     assert input_options(None).max_images == MAX_IMAGES
-    assert base.given() == {"pixel_range": (0, 255), "mean": (0.5,), "max_images": 500}
 
 
 def test_unknown_option_is_refused():

@@ -139,6 +139,7 @@ def test_cross_check_restores_the_original_weights(report):
         top_fraction=0.01,
         min_neurons=8,
         prune_cfg=PruneConfig(fine_tune_steps=20),  # the fine-tune's weights must be restored too
+        prune_layer=lay,
     )
     chk = cross_check(
         ctx,

@@ -310,3 +310,32 @@ def test_cli_prune_flags_reach_the_patch(report, tmp_path, capsys):
     assert rc == (0 if d["guard_passed"] else 1)
     assert d["prune_config"]["budget"] == 1.0 and d["prune_config"]["fine_tune_steps"] == 0
     assert d["prune_layer"].startswith("output of") and d["prune_curve"][0][0] == 0
+
+
+def test_fully_convolutional_model_prunes_its_last_conv(tmp_path):
+    """No Gemm/MatMul head (Conv -> ReLU -> GlobalAveragePool): pruning still has a layer, the
+    last conv's channels, while the paper's penultimate layer does not exist."""
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper
+
+    from ncscan.errors import ModelError
+    from ncscan.mitigate.prune import PruneConfig
+    from ncscan.model import convert, load_onnx
+    from ncscan.patch import prune_layer
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("GlobalAveragePool", ["r"], ["p"]), helper.make_node("Flatten", ["p"], ["logits"], axis=1)],
+        "fcn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [w])
+    path = tmp_path / "fcn.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    om = load_onnx(path)
+    ctx = SimpleNamespace(om=om, net=convert(om))
+    lay = prune_layer(ctx, None, PruneConfig(), None)
+    assert "Relu" in lay.description and isinstance(dict(ctx.net.named_modules())[lay.prune_module], torch.nn.Conv2d)
+    with pytest.raises(ModelError, match="last linear"):
+        prune_layer(ctx, None, PruneConfig(where="penultimate"), None)
