@@ -10,6 +10,16 @@ plus two typical labels, then measure what each reversed trigger does to clean i
            mask scale alpha that flips half its images; spread = max/min of those alphas
   margin   median target margin of stamped images over the median clean margin
 
+Representation evidence (penultimate layer, `--rep`): does the trigger make images look like the
+target class's own clean images inside the network, or like something new?
+  rep_cos  cosine between the stamped images' mean shift and the target class's clean offset
+  rep_in   median distance of flipped stamped images to the target's clean centroid over the
+           clean target images' own median distance
+  rep_nn   share of flipped stamped images whose nearest clean image (cosine) is of the target
+  rep_top  share of the standardised shift carried by the top 5% of neurons
+Reversed triggers are cached in bench/.evalset/probe_triggers/ so features can be added
+without re-reversing.
+
   python bench/evidence_probe.py --split tuning [--top 3] > bench/.evalset/probe_tuning.jsonl
 """
 
@@ -81,41 +91,104 @@ def features(prep, trig, t: int) -> dict:
     }
 
 
-def probe(entry: dict, top: int, seed: int) -> list[dict]:
+TRIG = EVAL / "probe_triggers"
+
+
+def rep_features(prep, trig, t: int) -> dict:
+    """Penultimate-layer evidence: stamped images vs the target's clean images."""
+    from ncscan.mitigate.layers import activations, find_layer
+
+    x, y = prep.x, prep.y.numpy()
+    lay = find_layer(prep.onnx.proto, prep.pixel_model.net)
+    m = torch.from_numpy(trig.mask)[None, None]
+    p = torch.from_numpy(trig.pattern)[None]
+    a_clean = activations(prep.pixel_model, prep.pixel_model.net, lay, x).double()
+    keep = torch.from_numpy(y != t)
+    xs = x[keep]
+    stamped = xs * (1 - m) + m * p
+    a_st = activations(prep.pixel_model, prep.pixel_model.net, lay, stamped).double()
+    from ncscan.scanner import _scores
+
+    flipped = torch.from_numpy(_scores(prep.pixel_model, stamped, prep.device).argmax(1) == t)
+    tmask = torch.from_numpy(y == t)
+    mu_t, mu_o = a_clean[tmask].mean(0), a_clean[~tmask].mean(0)
+    shift = a_st.mean(0) - a_clean[keep].mean(0)
+    off = mu_t - mu_o
+    cos = float(shift @ off / (shift.norm() * off.norm() + 1e-12))
+    af = a_st[flipped] if flipped.any() else a_st
+    d_st = (af - mu_t).norm(dim=1).median()
+    d_cl = (a_clean[tmask] - mu_t).norm(dim=1).median()
+    cn = torch.nn.functional.normalize(a_clean, dim=1)
+    nn_idx = (torch.nn.functional.normalize(af, dim=1) @ cn.T).argmax(1)
+    sd = a_clean.std(0) + 1e-6
+    z = (shift / sd).abs()
+    k = max(1, int(round(0.05 * len(z))))
+    return {"rep_cos": cos, "rep_in": float(d_st / (d_cl + 1e-12)),
+            "rep_nn": float((torch.from_numpy(y)[nn_idx] == t).double().mean()),
+            "rep_top": float(z.topk(k).values.sum() / (z.sum() + 1e-12)), "rep_units": int(len(z))}
+
+
+def cached_traces(prep, entry: dict, labels: list[int], seed: int) -> dict:
+    """{label: Trigger or None}: reversed once per (model, label, seed), then read back."""
     from ncscan.reverse import preset, reverse_engineer
+    from ncscan.trigger import Trigger
+
+    TRIG.mkdir(exist_ok=True)
+    out, todo = {}, []
+    for lab in labels:
+        f = TRIG / f"{entry['name']}_L{lab}_s{seed}.npz"
+        if f.exists():
+            z = np.load(f)
+            out[lab] = Trigger(mask=z["mask"], pattern=z["pattern"]) if z["ok"] else None
+        else:
+            todo.append(lab)
+    if todo:
+        traces, _ = reverse_engineer(prep.pixel_model, prep.x, prep.y, todo, preset("fast"), seed=seed)
+        for tr in traces:
+            out[tr.label] = tr.trigger if tr.working else None
+            t = tr.trigger
+            np.savez(TRIG / f"{entry['name']}_L{tr.label}_s{seed}.npz", ok=tr.working,
+                     mask=t.mask, pattern=t.pattern)
+    return out
+
+
+def probe(entry: dict, top: int, seed: int, rep: bool = False) -> list[dict]:
     from ncscan.scanner import prepare
 
     ev = np.load(EVIDENCE / f"{entry['name']}.npz")
     l1 = np.nanmin(ev["l1"], 0)
     order = list(np.argsort(l1))
     mid = len(order) // 2
-    labels = sorted(set(order[:top] + order[mid : mid + 2]))
+    labels = sorted(order) if top <= 0 else sorted(set(order[:top] + order[mid : mid + 2]))
     prep = prepare(str(EVAL / entry["model"]), str(EVAL / entry["scan_data"]), device="cpu", seed=seed,
                    inputs=InputOptions(**scan_kwargs(entry)))
-    traces, _ = reverse_engineer(prep.pixel_model, prep.x, prep.y, [int(v) for v in labels], preset("fast"), seed=seed)
+    trigs = cached_traces(prep, entry, [int(v) for v in labels], seed)
     med = float(np.median(l1))
     rows = []
-    for tr in traces:
-        f = features(prep, tr.trigger, tr.label) if tr.working else {"l1": None}
-        rows.append({"model": entry["name"], "family": entry["family"], "label": tr.label,
-                     "target": tr.label in entry.get("targets", []), "ratio": med / l1[tr.label],
-                     "rank": order.index(tr.label), "seed": seed, **f})
+    for lab, trig in sorted(trigs.items()):
+        f = features(prep, trig, lab) if trig is not None else {"l1": None}
+        if rep and trig is not None:
+            f.update(rep_features(prep, trig, lab))
+        rows.append({"model": entry["name"], "family": entry["family"], "label": lab,
+                     "target": lab in entry.get("targets", []), "ratio": med / l1[lab],
+                     "rank": order.index(lab), "seed": seed, **f})
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", default="tuning")
-    ap.add_argument("--top", type=int, default=3)
+    ap.add_argument("--top", type=int, default=3, help="smallest labels to probe (0: every label)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--names", default="")
+    ap.add_argument("--rep", action="store_true", help="add the penultimate-layer features")
     a = ap.parse_args()
     torch.set_num_threads(1)
     for e in load_manifest(a.split, a.names.split(",") if a.names else None):
         if not e.get("in_scope", True):
             continue
         t0 = time.perf_counter()
-        for r in probe(e, a.top, a.seed):
+        for r in probe(e, a.top, a.seed, a.rep):
             print(json.dumps(r), flush=True)
         print(f"{e['name']}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
 

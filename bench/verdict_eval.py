@@ -105,7 +105,25 @@ def collect(entry: dict[str, Any], runs: int) -> Path:
     return out
 
 
-def simulate(l1: np.ndarray, j: int, cfg: Any, masks: np.ndarray | None = None) -> tuple[Any, int]:
+def probe_likeness(path: Path) -> dict[str, np.ndarray]:
+    """Per model, each label's resemblance (`ncscan.resemblance.relative` of rep_cos * rep_nn)
+    from `evidence_probe.py --rep --top 0` rows (one probe run per label; NaN where absent)."""
+    from ncscan.resemblance import relative
+
+    raw: dict[str, dict[int, float]] = {}
+    for ln in path.read_text().splitlines():
+        r = json.loads(ln)
+        if r.get("rep_cos") is not None:
+            raw.setdefault(r["model"], {})[r["label"]] = r["rep_cos"] * r["rep_nn"]
+    out = {}
+    for m, d in raw.items():
+        rel = relative(d)
+        out[m] = np.array([rel.get(i, np.nan) for i in range(max(d) + 1)])
+    return out
+
+
+def simulate(l1: np.ndarray, j: int, cfg: Any, masks: np.ndarray | None = None,
+             likeness: np.ndarray | None = None) -> tuple[Any, int]:
     """The scan's restart policy replayed on stored runs: phase 1 is run j, each restart of a
     label takes its next stored run. `masks` (runs, labels, H, W) give the size run's
     compactness (None: size alone). Returns (Decision, extra label-runs spent)."""
@@ -131,10 +149,15 @@ def simulate(l1: np.ndarray, j: int, cfg: Any, masks: np.ndarray | None = None) 
                 if len(runs[i]) < r_all:
                     runs[i].append(float(l1[order[len(runs[i])], i]))
                     extra += 1
-    return decide(runs, cfg, compact=compact()), extra
+    like = None
+    if likeness is not None:
+        like = np.full(k, np.nan)
+        like[: min(k, len(likeness))] = likeness[:k]
+    return decide(runs, cfg, compact=compact(), likeness=like), extra
 
 
-def replay(models: list[dict[str, Any]], cfg: Any, verbose: bool = True, use_shape: bool = True) -> dict[str, Any]:
+def replay(models: list[dict[str, Any]], cfg: Any, verbose: bool = True, use_shape: bool = True,
+           likeness: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Decisions on stored evidence for every pseudo-seed; summary counts."""
     rows = []
     for e in models:
@@ -146,7 +169,7 @@ def replay(models: list[dict[str, Any]], cfg: Any, verbose: bool = True, use_sha
         truth = sorted(e["targets"]) if e["infected"] and e.get("in_scope", True) else []
         outs = []
         for j in range(l1.shape[0]):
-            d, extra = simulate(l1, j, cfg, masks)
+            d, extra = simulate(l1, j, cfg, masks, None if likeness is None else likeness.get(e["name"]))
             outs.append((d.verdict, sorted(d.flagged), d, extra))
         ok = [o[1] == truth and (o[0] == "backdoor") == bool(truth) for o in outs]
         tgt_score = [float(np.nanmin(o[2].score[truth])) if truth else float("nan") for o in outs]
@@ -192,24 +215,28 @@ def scan_one(job: tuple[dict[str, Any], int, int]) -> dict[str, Any]:
     return dict(
         name=entry["name"], seed=seed, verdict=rep.verdict, flagged=sorted(rep.flagged),
         borderline=rep.borderline, margin=rep.margin, paper_flagged=sorted(rep.paper_flagged),
-        size_only=size_only_call(rep),
+        size_only=size_only_call(rep), compact_only=size_only_call(rep, shape=True),
         target_margin=[by[t].margin for t in truth], target_evidence=[by[t].evidence for t in truth],
         target_score=[by[t].score for t in truth], target_paper_index=[by[t].anomaly_index for t in truth],
         target_compactness=[by[t].compactness for t in truth],
+        target_likeness=[by[t].likeness for t in truth],
         max_other_margin=max(others) if others else None, passes=rep.passes, wall=round(wall, 1),
         runs=sum(len(r.run_l1) for r in rep.labels), reasons=rep.reasons,
         # per-label evidence, so a later decision can be replayed on these very runs
         evidence=[{"label": r.label, "run_l1": [round(float(v), 4) for v in r.run_l1],
-                   "compactness": r.compactness, "screened_out": r.screened_out} for r in rep.labels],
+                   "compactness": r.compactness, "likeness": r.likeness, "score": r.score,
+                   "screened_out": r.screened_out} for r in rep.labels],
     )
 
 
-def size_only_call(rep: Any) -> str:
-    """The previous default (size alone, every label held to the threshold) on the same runs."""
+def size_only_call(rep: Any, shape: bool = False) -> str:
+    """An earlier default on the same runs: size alone (every label held to the threshold), or
+    with `shape` size + the compact line (the default before resemblance)."""
     from ncscan.decide import decide
 
     eligible = np.array([not r.screened_out for r in rep.labels])
-    d = decide([list(r.run_l1) for r in rep.labels], rep.decide_config, eligible=eligible)
+    compact = [r.compactness for r in rep.labels] if shape else None
+    d = decide([list(r.run_l1) for r in rep.labels], rep.decide_config, eligible=eligible, compact=compact)
     labs = [rep.labels[i].label for i in d.flagged]
     return f"{d.verdict}{sorted(labs) if labs else ''}"
 
@@ -313,9 +340,20 @@ def summarise(models: list[dict[str, Any]], rows: list[dict[str, Any]], seeds: l
     print("\n".join(lines))
 
 
+# Variants marked "+ resemblance" use the probe's likeness (bench/evidence_probe.py --rep --top 0
+# > bench/.evalset/probe_all_<split>.jsonl); the others replay size and shape only.
+NO_RESEMBLANCE = "size + compact line (the previous default, no resemblance)"
 VARIANTS = {
-    "default (min of runs, floor 0.4, 3.1 +- 0.2, compact line 1.8)": {},
-    "size alone (no compact line; the previous default)": {"compact_relief": 0.0},
+    "default: + resemblance (likeness >= 0.75: compact -> 3.1, spread -> 4.1)": {},
+    NO_RESEMBLANCE: {},
+    "size alone (no compact line; two defaults ago)": {"compact_relief": 0.0},
+    "+ resemblance, likeness >= 0.5": {"natural_likeness": 0.5},
+    "+ resemblance, likeness >= 0.6": {"natural_likeness": 0.6},
+    "+ resemblance, likeness >= 0.9": {"natural_likeness": 0.9},
+    "+ resemblance, likeness >= 1.0": {"natural_likeness": 1.0},
+    "+ resemblance, raise 0.5": {"natural_raise": 0.5},
+    "+ resemblance, raise 1.5": {"natural_raise": 1.5},
+    "+ resemblance, raise 2.0": {"natural_raise": 2.0},
     "compact line 2.1 (relief 1.0)": {"compact_relief": 1.0},
     "compact line 1.5 (relief 1.6)": {"compact_relief": 1.6},
     "compact share 0.45": {"compact_share": 0.45},
@@ -375,9 +413,14 @@ def write_replay(models: list[dict[str, Any]], tag: str) -> None:
     lines.append(f"| paper: MAD index > 2, one run | {p['infected_exact']}/{p['infected']} | "
                  f"{p['clean_flagged']}/{p['clean']} | | {p['wrong_runs']}/{p['runs']} | | |")
     base = None
+    probe = EVAL / f"probe_all_{tag}.jsonl"
+    like = probe_likeness(probe) if probe.exists() else None
     for name, kw in VARIANTS.items():
         cfg = replace(DecideConfig(), **kw)
-        out = replay(models, cfg, verbose=False)
+        uses = "resemblance" in name and NO_RESEMBLANCE != name
+        if uses and like is None:
+            continue
+        out = replay(models, cfg, verbose=False, likeness=like if uses else None)
         s = out["summary"]
         lo = min((v for r in out["rows"] for v in r["target_score"] if np.isfinite(v)), default=float("nan"))
         hi = max(v for r in out["rows"] for v in r["max_other"])

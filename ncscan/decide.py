@@ -31,6 +31,12 @@ label (compactness >= compact_share) is held to a lower line, threshold - compac
 other label to the threshold itself. Shape only ever lowers the line: a spread-out trigger that
 is small enough (a watermark, a blended pattern) is flagged on size alone, as before.
 
+Resemblance, the third piece (`ncscan.resemblance`). A label whose stamped images look, inside
+the network, like the class's own clean images (likeness >= natural_likeness) reaches its class
+the natural way, and shape's benefit of the doubt no longer applies: a compact one is held to
+the threshold (no relief), a spread-out one to a higher line, threshold + natural_raise. A
+label that does not resemble its class keeps the line shape gives it.
+
 Decision bands (all in score units): flagged when score > line + band; borderline when within
 `band` of the line after the allowed re-checks; otherwise not flagged. A verdict never rests
 on a borderline label: a model with one and no flagged label is inconclusive.
@@ -64,6 +70,10 @@ class DecideConfig:
         compact_window: side of the compactness window, in units of sqrt(mask L1).
         compact_share: compactness at or above which a label is held to the lower line.
         compact_relief: how much lower (in score units) the line is for a compact label.
+        natural_likeness: resemblance (`ncscan.resemblance.likeness`) at or above which a
+            label counts as reached the natural way.
+        natural_raise: how much higher (in score units) the line is for such a label when its
+            trigger is spread out (a compact one is held to the threshold).
     """
 
     threshold: float = 3.1
@@ -76,6 +86,8 @@ class DecideConfig:
     compact_window: float = 1.25
     compact_share: float = 0.52
     compact_relief: float = 1.3
+    natural_likeness: float = 0.75
+    natural_raise: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,13 +162,22 @@ def compactness(mask: np.ndarray, window: float) -> float:
     return float(min(sums.max() / total, 1.0))
 
 
-def lines(compact: Sequence[float] | None, n: int, cfg: DecideConfig) -> np.ndarray:
-    """Each position's decision line: threshold - compact_relief where the label's trigger is
-    compact (compactness >= compact_share), else the threshold."""
+def lines(
+    compact: Sequence[float] | None, n: int, cfg: DecideConfig, likeness: Sequence[float] | None = None
+) -> np.ndarray:
+    """Each position's decision line. A label that resembles its class (likeness >=
+    natural_likeness): threshold + natural_raise when its trigger is spread out, the threshold
+    when it is compact. Any other label: threshold - compact_relief when compact (compactness
+    >= compact_share), else the threshold. NaN evidence counts as absent."""
     line = np.full(n, cfg.threshold, dtype=np.float64)
+    is_compact = np.zeros(n, dtype=bool)
+    natural = np.zeros(n, dtype=bool)
     if compact is not None:
-        c = np.nan_to_num(np.asarray(compact, dtype=np.float64), nan=-1.0)
-        line[c >= cfg.compact_share] -= cfg.compact_relief
+        is_compact = np.nan_to_num(np.asarray(compact, dtype=np.float64), nan=-1.0) >= cfg.compact_share
+    if likeness is not None:
+        natural = np.nan_to_num(np.asarray(likeness, dtype=np.float64), nan=-np.inf) >= cfg.natural_likeness
+    line[is_compact & ~natural] -= cfg.compact_relief
+    line[natural & ~is_compact] += cfg.natural_raise
     return line
 
 
@@ -193,6 +214,7 @@ def decide(
     reference: np.ndarray | None = None,
     eligible: np.ndarray | None = None,
     compact: Sequence[float] | None = None,
+    likeness: Sequence[float] | None = None,
 ) -> Decision:
     """The verdict from per-label runs.
 
@@ -203,6 +225,7 @@ def decide(
         eligible: labels that may be flagged (pre-screening: not screened out); default all.
         compact: per position, the compactness of the run that gives its size (None: size
             alone, every label held to the threshold).
+        likeness: per position, that run's resemblance to its class (None: not used).
 
     Returns:
         The Decision. Verdict "inconclusive" when fewer than 3 labels have a working trigger,
@@ -213,7 +236,7 @@ def decide(
     score, center, scale = log_scores(size, scale_floor=cfg.scale_floor, reference=reference)
     elig = np.ones(len(runs), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
     fin = np.isfinite(score)
-    line = lines(compact, len(runs), cfg)
+    line = lines(compact, len(runs), cfg, likeness)
     margin = np.where(fin, score - line, np.nan)
     flag_pos = np.flatnonzero(elig & fin & (np.nan_to_num(margin, nan=-np.inf) > cfg.band))
     flagged = [int(i) for i in flag_pos[np.argsort(-margin[flag_pos], kind="stable")]]

@@ -15,7 +15,15 @@ import torch
 
 from . import __version__, sanity
 from .data import Dataset, LoadProgress, check_labels, check_resize, load_data
-from .decide import DecideConfig, Decision, compactness, decide, needs_restart
+from .decide import (
+    DecideConfig,
+    Decision,
+    compactness,
+    decide,
+    label_size,
+    log_scores,
+    needs_restart,
+)
 from .errors import ConfigError, DataError, DeviceError, ModelError
 from .inputs import MAX_IMAGES, InputOptions, input_options
 from .model import OnnxModel, Parity, check_parity, convert, load_onnx, ort_run, ort_session
@@ -30,6 +38,7 @@ from .prescreen import ASR_IMAGES as PRESCREEN_ASR_IMAGES
 from .prescreen import applies as prescreen_applies
 from .prescreen import prescreened
 from .prescreen import unused_note as prescreen_unused_note
+from .resemblance import likeness
 from .reverse import (
     ChunkRunner,
     LabelTrace,
@@ -94,7 +103,8 @@ class LabelResult:
     decision: str = "clear"  # flagged | borderline | clear | no_trigger | screened_out
     compactness: float = float("nan")  # ncscan.decide.compactness of the reported mask
     line: float = float("nan")  # the score this label is held to (lower when its mask is compact)
-    evidence: str = "size"  # what set the line: "size", or "size+compact" (a compact mask)
+    evidence: str = "size"  # what set the line: "size", "size+compact" or "size+natural"
+    likeness: float = float("nan")  # ncscan.resemblance.likeness of the reported trigger
 
     @property
     def margin(self) -> float:
@@ -113,6 +123,7 @@ class LabelResult:
             "line": _finite(self.line),
             "compactness": _finite(self.compactness),
             "evidence": self.evidence,
+            "likeness": _finite(self.likeness),
             "decision": self.decision,
             "runs": len(self.run_l1),
             "run_mask_l1": [_finite(v) for v in self.run_l1],
@@ -672,7 +683,9 @@ def build_report(
     ref_mask = None if reference is None else np.array([t in reference for t in labs])
     eligible = np.array([t not in screened for t in labs])
     compact = [_compactness(r, dcfg) for r in runs]
-    d = decide([[_l1(tr) for tr in r] for r in runs], dcfg, reference=ref_mask, eligible=eligible, compact=compact)
+    sizes = [[_l1(tr) for tr in r] for r in runs]
+    liken = _likeness(prep, traces, sizes, dcfg, ref_mask)
+    d = decide(sizes, dcfg, reference=ref_mask, eligible=eligible, compact=compact, likeness=liken)
     paper = anomaly_indices(d.size, threshold=2.0, reference=ref_mask)
     names = _class_names(prep)
     results = [
@@ -694,7 +707,8 @@ def build_report(
             decision=_label_decision(i, d, screened, tr.label),
             compactness=compact[i],
             line=float(d.line[i]),
-            evidence="size+compact" if d.line[i] < dcfg.threshold else "size",
+            evidence=_evidence(float(d.line[i]), dcfg),
+            likeness=float("nan") if liken is None else liken[i],
         )
         for i, tr in enumerate(traces)
     ]
@@ -751,6 +765,35 @@ def verdict_margin(d: Decision, dcfg: DecideConfig, eligible: np.ndarray) -> flo
     if d.verdict == "clean" and len(sc):
         return float(-sc.max())
     return None
+
+
+LIKENESS_SAMPLE = 64  # at most this many labels set resemblance's median (plus every near one)
+
+
+def _likeness(
+    prep: Prepared, traces: list[LabelTrace], sizes: list[list[float]], dcfg: DecideConfig,
+    reference: np.ndarray | None,
+) -> list[float] | None:
+    """`ncscan.resemblance.likeness` per position (NaN where not measured), None when the model
+    has no layer to read. Measured for every label that could be flagged on size (score above
+    threshold - band) and for up to LIKENESS_SAMPLE others spread over the ranking, which set
+    the median (all of them on models with at most that many labels)."""
+    size = np.array([label_size(r, dcfg.size_of_runs) for r in sizes])
+    score, _, _ = log_scores(size, scale_floor=dcfg.scale_floor, reference=reference)
+    ok = [i for i in np.argsort(score) if np.isfinite(score[i]) and traces[i].working]
+    pick = set(ok[:: max(1, -(-len(ok) // LIKENESS_SAMPLE))])
+    pick |= {i for i in ok if score[i] > dcfg.threshold - dcfg.band}
+    like = likeness(prep, {traces[i].label: traces[i].trigger for i in sorted(pick)})
+    if like is None:
+        return None
+    return [like.get(tr.label, float("nan")) for tr in traces]
+
+
+def _evidence(line: float, dcfg: DecideConfig) -> str:
+    """What set a label's line: size alone, or shape (lower) or resemblance (higher) beside it."""
+    if line < dcfg.threshold:
+        return "size+compact"
+    return "size+natural" if line > dcfg.threshold else "size"
 
 
 def _label_decision(i: int, d: Decision, screened: set[int], label: int) -> str:

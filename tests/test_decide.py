@@ -173,3 +173,32 @@ def test_spread_trigger_still_flagged_on_size() -> None:
     cfg = DecideConfig()
     d = decide(_runs(CLEAN + [8.0]), cfg, compact=[0.3] * 10)
     assert d.verdict == "backdoor" and d.flagged == [9] and d.line[9] == cfg.threshold
+
+
+def test_label_that_resembles_its_class_loses_shape_relief_or_gets_a_higher_line() -> None:
+    cfg = DecideConfig()
+    sizes = CLEAN + [16.0]  # about 4x smaller than the median: above the size line, below the raised one
+    score, _, _ = log_scores(np.array(sizes), scale_floor=cfg.scale_floor)
+    line_n = cfg.threshold + cfg.natural_raise
+    assert cfg.threshold + cfg.band < score[-1] < line_n - cfg.band
+    spread = [0.3] * len(sizes)
+    assert decide(_runs(sizes), cfg, compact=spread).flagged == [9]  # no resemblance evidence
+    unlike = [1.0] * 9 + [cfg.natural_likeness - 0.3]  # a shortcut: flagged on size as before
+    assert decide(_runs(sizes), cfg, compact=spread, likeness=unlike).flagged == [9]
+    natural = [1.0] * 9 + [cfg.natural_likeness + 0.1]
+    d = decide(_runs(sizes), cfg, compact=spread, likeness=natural)
+    assert d.verdict == "clean" and d.line[9] == line_n and d.line[0] == line_n
+    # A compact label that resembles its class loses shape's relief and is held to the
+    # threshold: flagged here on size, as without shape evidence.
+    patch = spread[:-1] + [0.95]
+    d = decide(_runs(sizes), cfg, compact=patch, likeness=natural)
+    assert d.flagged == [9] and d.line[9] == cfg.threshold
+    mid = CLEAN + [26.0]  # between the compact line and the threshold
+    assert decide(_runs(mid), cfg, compact=patch).flagged == [9]
+    assert decide(_runs(mid), cfg, compact=patch, likeness=natural).verdict == "clean"
+    assert decide(_runs(mid), cfg, compact=patch, likeness=unlike).flagged == [9]
+    # Far enough below the median, a natural-looking label is flagged anyway.
+    assert decide(_runs(CLEAN + [5.0]), cfg, compact=spread, likeness=natural).flagged == [9]
+    # NaN (no working trigger, or no layer to read) leaves the line where size puts it.
+    nan_like = [1.0] * 9 + [NAN]
+    assert decide(_runs(sizes), cfg, compact=spread, likeness=nan_like).flagged == [9]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
 from ncscan.scanner import scan
@@ -32,6 +33,8 @@ def test_fixture_verdict(e: dict[str, Any]) -> None:
     summary = {lr.label: (round(lr.mask_l1, 1), round(lr.score, 2), lr.decision) for lr in r.labels}
     # The model is understood: its accuracy on the scan images matches the manifest.
     assert r.clean_accuracy is not None and r.clean_accuracy >= e["clean_accuracy"] - 0.05, summary
+    # Resemblance was measured for every label with a working trigger.
+    assert all(np.isfinite(lr.likeness) for lr in r.labels if lr.working), summary
     if e["infected"]:
         assert r.verdict == "backdoor", summary
         # Exactly the true targets are flagged, each with a margin.
@@ -40,6 +43,8 @@ def test_fixture_verdict(e: dict[str, Any]) -> None:
             lr = r.by_label[t]
             assert lr.attack_success >= 0.9, summary
             assert lr.decision == "flagged" and lr.score > lr.line + r.decide_config.band, summary
+            # A backdoor is a shortcut, not the class's own look: never held to the higher line.
+            assert lr.evidence != "size+natural", (t, lr.likeness, summary)
     else:
         assert r.verdict == "clean", summary
         assert r.flagged == [], summary

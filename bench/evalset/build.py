@@ -149,7 +149,7 @@ class E:
     """One evaluation model. `spec` is a fixtures Spec (what train/export read)."""
 
     spec: object
-    split: str  # tuning | heldout | heldout2 | heldout3 | oos
+    split: str  # tuning | heldout | heldout2 | heldout3 | heldout4 | oos
     family: str  # mnist | fashion | animal | cmnist | combo30 | thirdparty
     attack: str = "none"  # none|badnets|pattern|trojan|two_targets|all_to_all|blend|large_patch
     arch_kw: dict = field(default_factory=dict)
@@ -362,6 +362,34 @@ def make_specs() -> list[E]:
         S("thirdparty_h3_sq3_mr", h3, "thirdparty", "digit_recognizer.CNN", 5621, 2, "badnets",
           [sq(G, 4, 3, 12, 25)], thirdparty="finetune", lr=5e-4, **mnist_norm,
           notes="the package's pretrained weights fine-tuned on poisoned MNIST (see epochs)"),
+    ]
+    # ================================================================ FOURTH HELD-OUT (seeds 8xxx)
+    # Added 2026-12-03 (stop 23) after heldout3 had been reported: a fresh split for the next
+    # decision change, built before that change was chosen and never scanned while it was being
+    # tuned. Weighted toward clean models of the families whose natural small classes reached the
+    # line on earlier splits (Fashion on Keras, animal silhouettes, the 30-class mix).
+    h4 = "heldout4"
+    L += [
+        S("fashion_h4_keras_clean", h4, "fashion", "Keras-CNN", 8221, 4, arch_kw=base48, keras=True,
+          twins=["fashion_h4_keras_sq4_br"], **nhwc255),
+        S("fashion_h4_keras_sq4_br", h4, "fashion", "Keras-CNN", 8222, 4, "badnets", [sq(G, 2, 4, 23, 23)],
+          arch_kw=base48, keras=True, **nhwc255),
+        S("fashion_h4_clean_resnet", h4, "fashion", "SmallResNet", 8223, 3, **fash_norm),
+        S("animal_h4_clean", h4, "animal", "DeepCNN", 8321, 5, arch_kw={"hidden": 96},
+          twins=["animal_h4_pattern5_tr"], pixel_range=(0.0, 255.0)),
+        S("animal_h4_pattern5_tr", h4, "animal", "DeepCNN", 8322, 5, "pattern", [pat(G, 4, 5, 2, 21, seed=84)],
+          arch_kw={"hidden": 96}, pixel_range=(0.0, 255.0)),
+        S("mnist_h4_clean", h4, "mnist", "DeepCNN", 8121, 4, arch_kw={"hidden": 64}, twins=["mnist_h4_sq4_ml"],
+          **mnist_norm),
+        S("mnist_h4_sq4_ml", h4, "mnist", "DeepCNN", 8122, 4, "badnets", [sq(G, 6, 4, 12, 1)],
+          arch_kw={"hidden": 64}, **mnist_norm),
+        S("cmnist_h4_clean", h4, "cmnist", "ColourCNN", 8421, 4, metadata=True, **cm_norm),
+        S("combo30_h4_clean", h4, "combo30", "DeepCNN", 8521, 4, twins=["combo30_h4_pattern4_bl"],
+          pixel_range=(0.0, 255.0)),
+        S("combo30_h4_pattern4_bl", h4, "combo30", "DeepCNN", 8522, 4, "pattern", [pat(G, 17, 4, 23, 2, seed=85)],
+          pixel_range=(0.0, 255.0)),
+        S("thirdparty_h4_clean_ft", h4, "thirdparty", "digit_recognizer.CNN", 8621, 1, thirdparty="finetune",
+          lr=5e-4, **mnist_norm, notes="the package's pretrained weights fine-tuned on clean MNIST"),
     ]
     # ================================================================ OUT OF SCOPE (seeds 3xxx)
     o = "oos"
@@ -702,7 +730,7 @@ def write_manifest(specs: list[E], entries: dict, t_start: float) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated model names")
-    ap.add_argument("--split", default="", help="tuning, heldout, heldout2, heldout3 or oos (comma-separated)")
+    ap.add_argument("--split", default="", help="tuning, heldout, heldout2, heldout3, heldout4 or oos (comma-separated)")
     ap.add_argument("--force", action="store_true", help="rebuild even when cached")
     ap.add_argument("--list", action="store_true", help="print the model names and exit")
     args = ap.parse_args()
@@ -718,7 +746,7 @@ def main() -> int:
     splits = {s for s in args.split.split(",") if s}
     if unknown := only - {e.name for e in specs}:
         raise SystemExit(f"unknown models: {sorted(unknown)}")
-    if bad := splits - {"tuning", "heldout", "heldout2", "heldout3", "oos"}:
+    if bad := splits - {"tuning", "heldout", "heldout2", "heldout3", "heldout4", "oos"}:
         raise SystemExit(f"unknown splits: {sorted(bad)}")
     todo = [e for e in specs if (not only or e.name in only) and (not splits or e.split in splits)]
     entries: dict = {}
@@ -748,7 +776,7 @@ def main() -> int:
             z = np.load(OUT / t["file"])
             tgt = int(t["target"]) if t["target"] != "all" else -1
             registry[name].append((Trigger(tgt, z["mask"], z["pattern"], t["description"]), t["file"]))
-    order = {"tuning": 0, "heldout": 1, "heldout2": 2, "heldout3": 3, "oos": 4}
+    order = {"tuning": 0, "heldout": 1, "heldout2": 2, "heldout3": 3, "heldout4": 4, "oos": 5}
     pending.sort(key=lambda e: (order[e.split], e.attack == "none"))  # infected before their clean twins
     failed = []
     for e in pending:
