@@ -269,6 +269,31 @@ def _verdict_ok(entry: dict[str, Any], r: dict[str, Any]) -> bool:
     return r["verdict"] == "clean"
 
 
+def _right_call(e: dict[str, Any]) -> str:
+    """The right call in `size_only_call`'s format."""
+    return f"backdoor{sorted(e['targets'])}" if e["infected"] and e.get("in_scope", True) else "clean"
+
+
+def headline(per_model: list[dict[str, Any]]) -> list[str]:
+    """The issue's acceptance counts for the default and for the earlier decisions on the same runs."""
+    ms = [m for m in per_model if m["in_scope"]]
+    inf, cl = [m for m in ms if m["infected"]], [m for m in ms if not m["infected"]]
+    out = ["| decision (same runs) | infected flagged exactly, every seed | clean never flagged | "
+           "clean called clean, every seed | models whose call changed with the seed |",
+           "|---|---:|---:|---:|---:|"]
+    for name, key in (("ncscan default (size + compact line + resemblance)", "calls"),
+                      ("size + compact line (the previous default)", "compact_only"),
+                      ("size alone (two defaults ago)", "size_only")):
+        if any(None in m[key] for m in ms):
+            continue  # an older log without this decision's call
+        ok_inf = sum(all(c == m["right"] for c in m[key]) for m in inf)
+        never = sum(not any(str(c).startswith("backdoor") for c in m[key]) for m in cl)
+        ok_cl = sum(all(c == m["right"] for c in m[key]) for m in cl)
+        flips = sum(len(set(m[key])) > 1 for m in ms)
+        out.append(f"| {name} | {ok_inf}/{len(inf)} | {never}/{len(cl)} | {ok_cl}/{len(cl)} | {flips} |")
+    return out
+
+
 def _fmt_margin(v: float | None) -> str:
     return "" if v is None else f"{v:+.2f}"
 
@@ -282,7 +307,7 @@ def summarise(models: list[dict[str, Any]], rows: list[dict[str, Any]], seeds: l
         calls = {(r["verdict"], tuple(r["flagged"])) for r in rs}
         per_model.append(dict(
             name=name, family=e["family"], attack=e["attack"], infected=e["infected"],
-            in_scope=e.get("in_scope", True), targets=e["targets"],
+            in_scope=e.get("in_scope", True), targets=e["targets"], right=_right_call(e),
             calls=[f"{r['verdict']}{r['flagged'] if r['flagged'] else ''}" for r in rs],
             ok=sum(_verdict_ok(e, r) for r in rs), n=len(rs), flips=len(calls) > 1,
             paper_ok=sum((r["paper_flagged"] == sorted(e["targets"])) if e["infected"] else not r["paper_flagged"]
@@ -292,8 +317,9 @@ def summarise(models: list[dict[str, Any]], rows: list[dict[str, Any]], seeds: l
             evidence=sorted({v for r in rs for v in r["target_evidence"]}),
             max_other=[round(r["max_other_margin"], 2) for r in rs if r["max_other_margin"] is not None],
             size_only=[r["size_only"] for r in rs],
-            size_only_ok=sum(r["size_only"] == (f"backdoor{sorted(e['targets'])}" if e["infected"] else "clean")
-                             for r in rs),
+            size_only_ok=sum(r["size_only"] == _right_call(e) for r in rs),
+            compact_only=[r.get("compact_only") for r in rs],
+            compact_only_ok=sum(r.get("compact_only") == _right_call(e) for r in rs),
             passes=int(np.mean([r["passes"] for r in rs])), wall=round(float(np.mean([r["wall"] for r in rs])), 1),
         ))
     (HERE / f"verdict_{tag}.json").write_text(json.dumps(dict(
@@ -303,15 +329,18 @@ def summarise(models: list[dict[str, Any]], rows: list[dict[str, Any]], seeds: l
         f"# Verdicts on the {tag} split ({len(per_model)} models, seeds {','.join(map(str, seeds))})", "",
         f"`python bench/verdict_eval.py scan --split {tag} --seeds {','.join(map(str, seeds))}`; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPU cores, CPU only.", "",
-        "| model | family | attack | targets | calls per seed | right | size-only rule right (same runs) "
+        *headline(per_model), "",
+        "| model | family | attack | targets | calls per seed | right | previous default right (same runs) "
+        "| size-only rule right (same runs) "
         "| paper rule right | flips | verdict margin (min) | target margin per seed | target evidence "
         "| max other margin per seed | passes | wall s |",
-        "|---|---|---|---|---|---:|---:|---:|---|---:|---|---|---|---:|---:|",
+        "|---|---|---|---|---|---:|---:|---:|---:|---|---:|---|---|---|---:|---:|",
     ]
     for m in per_model:
         lines.append(
             f"| {m['name']} | {m['family']} | {m['attack']}{'' if m['in_scope'] else ' (out of scope)'} "
-            f"| {m['targets']} | {' '.join(m['calls'])} | {m['ok']}/{m['n']} | {m['size_only_ok']}/{m['n']} "
+            f"| {m['targets']} | {' '.join(m['calls'])} | {m['ok']}/{m['n']} | {m['compact_only_ok']}/{m['n']} "
+            f"| {m['size_only_ok']}/{m['n']} "
             f"| {m['paper_ok']}/{m['n']} | {'YES' if m['flips'] else 'no'} | {_fmt_margin(m['min_margin'])} "
             f"| {' '.join(map(str, m['target_margin']))} | {' '.join(m['evidence'])} "
             f"| {' '.join(map(str, m['max_other']))} "
@@ -405,7 +434,9 @@ def write_replay(models: list[dict[str, Any]], tag: str) -> None:
              "Each model's labels were reversed in 2 independent full runs (seeds 0, 1; default optimiser). "
              "A replay takes run j as the scan's first run and the other run as the restart of every label "
              "the policy re-checks, for j = 0, 1 (so 2 pseudo-seeds per model; the real scan gives "
-             "re-checked labels 2-4 restarts).", "",
+             "re-checked labels 2-4 restarts). Rows that name resemblance use each label's likeness from one "
+             "probe run (`bench/evidence_probe.py --rep --top 0`, seed 0, every label, the scan's images); the "
+             "other rows replay size and shape only.", "",
              "| variant | infected exact (all pseudo-seeds) | clean flagged | models whose call differs between "
              "pseudo-seeds | wrong calls / calls | lowest target margin | highest non-target margin |",
              "|---|---:|---:|---:|---:|---:|---:|"]

@@ -860,7 +860,9 @@ def prune_layer(ctx: PatchContext, layer: str | None, cfg: PruneConfig, filter_l
         conv = find_last_conv(ctx.om.proto, ctx.net)
         if conv is not None:
             return conv
-    return filter_layer if filter_layer is not None else find_layer(ctx.om.proto, ctx.net, layer)
+    if filter_layer is not None:
+        return filter_layer
+    return find_layer(ctx.om.proto, ctx.net, layer, ctx.om.output_name)
 
 
 def apply_plan(
@@ -1290,7 +1292,7 @@ def patch(
 
     links = tensor_links(ctx.net, ctx.om.proto)
     original = snapshot(ctx.net)
-    lay = find_layer(ctx.om.proto, ctx.net, layer) if input_filter else None
+    lay = find_layer(ctx.om.proto, ctx.net, layer, ctx.om.output_name) if input_filter else None
     if prune:
         plan = replace(plan, prune_layer=prune_layer(ctx, layer, plan.prune_cfg, lay))
     # The filter profiles the ORIGINAL network whenever unlearning or pruning changes it:

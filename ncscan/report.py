@@ -114,7 +114,8 @@ def sarif_driver() -> dict[str, Any]:
                         "sends clean images to each label. A label whose patch is an "
                         "outlier on the small side (log-size score above its line and "
                         "band, confirmed by restarts; the line is lower for a compact, "
-                        "patch-like trigger) is likely the target of a backdoor trigger."
+                        "patch-like trigger and higher for one that makes images look like "
+                        "the class's own) is likely the target of a backdoor trigger."
                     )
                 },
                 "help": {
@@ -173,6 +174,7 @@ def to_sarif(report: ScanReport, model_uri: str | None = None) -> dict[str, Any]
                     "margin": round(r.margin, 4),
                     "line": round(r.line, 4),
                     "compactness": round(r.compactness, 4),
+                    "likeness": round(r.likeness, 4) if np.isfinite(r.likeness) else None,
                     "evidence": r.evidence,
                     "anomaly_index": round(r.anomaly_index, 4),
                     "attack_success": round(r.attack_success, 4),
@@ -395,8 +397,9 @@ def render_table(
         "¹ attack success on every clean image not of that label (a trigger counts as working when "
         "it reaches 99% on a fixed check sample of up to 256 of them during optimisation). score: "
         "how much smaller the label's trigger is than typical (log scale, in robust spreads); "
-        "flagged above line + band. line: the threshold, or lower for a compact (patch-like) "
-        "mask. paper idx: the paper's MAD anomaly index, for comparison."
+        "flagged above line + band. line: the threshold, lower for a compact (patch-like) "
+        "mask, higher for a spread-out one whose trigger makes images look like the class's own. "
+        "paper idx: the paper's MAD anomaly index, for comparison."
     )
     for lab in report.flagged:
         r = report.by_label[lab]

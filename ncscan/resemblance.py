@@ -63,7 +63,8 @@ def likeness(
 
     pm, x = prep.pixel_model, prep.x  # type: ignore[attr-defined]
     try:
-        layer = find_layer(prep.onnx.proto, pm.net)  # type: ignore[attr-defined]
+        om = prep.onnx  # type: ignore[attr-defined]
+        layer = find_layer(om.proto, pm.net, output=om.output_name)
     except ModelError:
         return None
     if prep.y is not None:  # type: ignore[attr-defined]

@@ -207,8 +207,13 @@ class Layer:
     description: str
 
 
-def find_layer(proto: onnx.ModelProto, net: torch.nn.Module, name: str | None = None) -> Layer:
+def find_layer(
+    proto: onnx.ModelProto, net: torch.nn.Module, name: str | None = None, output: str | None = None
+) -> Layer:
     """Locate the penultimate activation (default) or the output of node `name`.
+
+    `output`: the class-score output the penultimate layer feeds (default: the graph's first
+    output; a model with several outputs must name the one it was scanned with).
 
     Raises:
         ModelError / ConfigError: no linear last layer found, or `name` unknown.
@@ -221,7 +226,7 @@ def find_layer(proto: onnx.ModelProto, net: torch.nn.Module, name: str | None = 
         for o in n.output:
             producer[o] = (uname, n)
     if name is None:
-        cur = proto.graph.output[0].name
+        cur = output or proto.graph.output[0].name
         seen = 0
         while cur in producer and seen < 50:
             seen += 1
