@@ -14,6 +14,8 @@ Two modes:
   python bench/verdict_eval.py collect --split tuning --runs 3
   python bench/verdict_eval.py replay --split tuning
   python bench/verdict_eval.py scan --split heldout --seeds 0,1,2,3,4
+  python bench/verdict_eval.py scan --split heldout4 --seeds 0,1 --schedule early_stop9
+  python bench/verdict_eval.py schedules --split heldout4 --seeds 0,1
 """
 
 from __future__ import annotations
@@ -196,9 +198,34 @@ def replay(models: list[dict[str, Any]], cfg: Any, verbose: bool = True, use_sha
     return dict(rows=rows, summary=summary)
 
 
-def scan_one(job: tuple[dict[str, Any], int, int]) -> dict[str, Any]:
+# Cheaper optimiser schedules for the speed study (issue #14: the cheapest that keeps every
+# held-out verdict). Each is the default "fast" preset with the named changes.
+SCHEDULES: dict[str, dict[str, Any]] = {
+    "fast": {},
+    "lambda_patience3": {"schedule": {"patience": 3}},
+    "early_stop9": {"schedule": {"early_stop_patience": 9}},
+    "minibatch3": {"mini_batches": 3},
+    "max_steps150": {"max_steps": 150},
+    "early_stop9_minibatch3": {"mini_batches": 3, "schedule": {"early_stop_patience": 9}},
+}
+
+
+def schedule_config(name: str) -> Any:
+    """The ReverseConfig of a SCHEDULES entry."""
+    from dataclasses import replace
+
+    from ncscan.reverse import preset
+
+    cfg = preset("fast")
+    kw = dict(SCHEDULES[name])
+    if "schedule" in kw:
+        kw["schedule"] = replace(cfg.schedule, **kw["schedule"])
+    return replace(cfg, **kw)
+
+
+def scan_one(job: tuple[dict[str, Any], int, int, str]) -> dict[str, Any]:
     """One real default scan (ncscan.scan) of one model with one seed."""
-    entry, seed, threads = job
+    entry, seed, threads, schedule = job
     import torch
 
     torch.set_num_threads(threads)
@@ -206,6 +233,7 @@ def scan_one(job: tuple[dict[str, Any], int, int]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     rep = ncscan.scan(str(EVAL / entry["model"]), str(EVAL / entry["scan_data"]), seed=seed, device="cpu",
+                      schedule=schedule_config(schedule),
                       **scan_kwargs(entry))
     wall = time.perf_counter() - t0
     truth = sorted(entry["targets"]) if entry["infected"] else []
@@ -241,18 +269,19 @@ def size_only_call(rep: Any, shape: bool = False) -> str:
     return f"{d.verdict}{sorted(labs) if labs else ''}"
 
 
-def scan_split(models: list[dict[str, Any]], seeds: list[int], jobs: int, tag: str) -> None:
+def scan_split(models: list[dict[str, Any]], seeds: list[int], jobs: int, tag: str, schedule: str = "fast") -> None:
     """Real scans, several seeds; results appended to bench/.evalset/scans_<tag>.jsonl as they
     come (a rerun skips what is there), then summarised into bench/verdict_<tag>.{md,json}."""
     import multiprocessing as mp
 
+    tag = tag if schedule == "fast" else f"{tag}_{schedule}"
     log = EVAL / f"scans_{tag}.jsonl"
     done = set()
     if log.exists():
         done = {(d["name"], d["seed"]) for d in map(json.loads, log.read_text().splitlines())}
     # Seed-major: every model's first seed before any model's second, so a cut-short run still
     # covers the whole split.
-    todo = [(e, s, max(1, 2 // jobs)) for s in seeds for e in models if (e["name"], s) not in done]
+    todo = [(e, s, max(1, 2 // jobs), schedule) for s in seeds for e in models if (e["name"], s) not in done]
     with mp.get_context("spawn").Pool(jobs) as pool, log.open("a") as f:
         for res in pool.imap_unordered(scan_one, todo):
             f.write(json.dumps(res) + "\n")
@@ -369,6 +398,44 @@ def summarise(models: list[dict[str, Any]], rows: list[dict[str, Any]], seeds: l
     print("\n".join(lines))
 
 
+def schedules_table(models: list[dict[str, Any]], split: str, seeds: list[int]) -> None:
+    """The speed study: each schedule's calls against the truth and against the default's call
+    on the same model and seed, with its image passes over the default's ->
+    bench/verdict_schedules_<split>.md."""
+    by = {e["name"]: e for e in models}
+
+    def rows(name: str) -> dict[tuple[str, int], dict[str, Any]]:
+        f = EVAL / (f"scans_{split}.jsonl" if name == "fast" else f"scans_{split}_{name}.jsonl")
+        out = {}
+        if f.exists():
+            for ln in f.read_text().splitlines():
+                r = json.loads(ln)
+                if r["seed"] in seeds and r["name"] in by:
+                    out[(r["name"], r["seed"])] = r
+        return out
+
+    base = rows("fast")
+    lines = [f"# Cheaper schedules on the {split} split (seeds {','.join(map(str, seeds))})", "",
+             f"`python bench/verdict_eval.py scan --split {split} --seeds {','.join(map(str, seeds))} "
+             "--schedule NAME` for each NAME below (`SCHEDULES` in bench/verdict_eval.py); "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPU cores.", "",
+             "| schedule | scans | right (truth) | same call as the default | image passes / default's | wall / default's |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name in SCHEDULES:
+        got = rows(name)
+        keys = [k for k in got if k in base]
+        if not keys:
+            continue
+        right = sum(_verdict_ok(by[k[0]], got[k]) for k in keys)
+        same = sum((got[k]["verdict"], got[k]["flagged"]) == (base[k]["verdict"], base[k]["flagged"]) for k in keys)
+        passes = sum(got[k]["passes"] for k in keys) / sum(base[k]["passes"] for k in keys)
+        wall = sum(got[k]["wall"] for k in keys) / sum(base[k]["wall"] for k in keys)
+        lines.append(f"| {name} {SCHEDULES[name] or '(default)'} | {len(keys)} | {right}/{len(keys)} | "
+                     f"{same}/{len(keys)} | {passes:.2f} | {wall:.2f} |")
+    (HERE / f"verdict_schedules_{split}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 # Variants marked "+ resemblance" use the probe's likeness (bench/evidence_probe.py --rep --top 0
 # > bench/.evalset/probe_all_<split>.jsonl); the others replay size and shape only.
 NO_RESEMBLANCE = "size + compact line (the previous default, no resemblance)"
@@ -472,13 +539,15 @@ def write_replay(models: list[dict[str, Any]], tag: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["collect", "replay", "scan"])
+    ap.add_argument("mode", choices=["collect", "replay", "scan", "schedules"])
     ap.add_argument("--split", default="tuning")
     ap.add_argument("--only", default="")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--schedule", default="fast", choices=sorted(SCHEDULES),
+                    help="scan mode: the optimiser schedule (speed study; logs scans_<split>_<schedule>.jsonl)")
     a = ap.parse_args()
     names = [v for v in a.only.split(",") if v] or None
     models = load_manifest(a.split, names)
@@ -490,8 +559,10 @@ def main() -> None:
             collect(e, a.runs)
     elif a.mode == "replay":
         write_replay(models, a.split)
+    elif a.mode == "schedules":
+        schedules_table(models, a.split, [int(v) for v in a.seeds.split(",")])
     else:
-        scan_split(models, [int(v) for v in a.seeds.split(",")], a.jobs, a.split.replace(",", "+"))
+        scan_split(models, [int(v) for v in a.seeds.split(",")], a.jobs, a.split.replace(",", "+"), a.schedule)
 
 
 if __name__ == "__main__":
