@@ -80,7 +80,8 @@ def evaluate(e: dict[str, Any], methods: list[str]) -> list[dict[str, Any]]:
             secs = time.perf_counter() - t1
             row: dict[str, Any] = {"fixture": e["name"], "method": m, "flagged": rep.flagged, "targets": e["targets"],
                                    "scan_s": round(scan_s, 1), "patch_s": round(secs, 1), "guard_passed": res.guard_passed,
-                                   "pruned_fraction": res.pruned_fraction}
+                                   "pruned_fraction": res.pruned_fraction,
+                                   "prune_layer": res.prune_layer}
             if not res.written:
                 row["error"] = "; ".join(res.guard_reasons) or "not written"
                 rows.append(row)
@@ -158,6 +159,8 @@ def main() -> None:
         if r["method"] == "filter":
             fl = f"{r['fpr_clean']:.1%} / " + ", ".join(f"{v['fnr']:.1%}" for v in r["true_asr"].values())
         pr = "" if r.get("pruned_fraction") is None else f"{r['pruned_fraction']:.1%}"
+        if pr and r.get("prune_layer"):
+            pr += f" of {r['prune_layer']}"
         lines.append(f"| {r['fixture']} | {r['method']} | {r['flagged']} / {r['targets']} | {r['acc_before']:.2%} -> {r['acc_after']:.2%} | "
                      f"{asr if r['method'] != 'filter' else ''} | {fl} | {pr} | {'pass' if r['guard_passed'] else 'FAIL'} | {r['patch_s']} |")
     (out / "patch_results.md").write_text(_header() + "\n".join(lines) + "\n")
